@@ -1,0 +1,28 @@
+"""lrpfunc: layer-wise relevance propagation and other modified gradients as pure torch.func functions."""
+
+from . import canonizers, composites, rules, types
+from ._attribute import attribute, attribute_with_params, rule_table
+from ._basic import ParamMod
+from ._call import Call, Propagated, RuleError
+from ._composite import CallSite, RuleTable
+from ._stabilize import Stabilizer, stabilize
+
+__all__ = [
+    "attribute",
+    "attribute_with_params",
+    "rule_table",
+    "ParamMod",
+    "Call",
+    "CallSite",
+    "Propagated",
+    "RuleError",
+    "RuleTable",
+    "Stabilizer",
+    "stabilize",
+    "canonizers",
+    "composites",
+    "rules",
+    "types",
+]
+
+__version__ = "0.1.0"

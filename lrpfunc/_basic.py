@@ -1,0 +1,286 @@
+"""The general LRP rule (Zennit's ``BasicHook``) and parameter modifiers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ._call import Call, Propagated, RuleError
+from ._stabilize import stabilize
+
+Tensor = torch.Tensor
+
+__all__ = ["ParamMod", "BasicRule", "basic", "identity", "keep_param", "default_gradient_mapper", "default_reducer"]
+
+
+def identity(tensor: Tensor) -> Tensor:
+    """The identity input or output modifier (recognised by :class:`BasicRule`, which then reuses the
+    recorded forward pass instead of recomputing it)."""
+    return tensor
+
+
+def keep_param(param: Tensor, name: str) -> Tensor:
+    """The identity parameter modifier."""
+    return param
+
+
+def default_gradient_mapper(grad_output: Tensor, outputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """``grad_output / stabilize(y_k)`` for every modified output ``y_k``."""
+    return tuple(grad_output / stabilize(output) for output in outputs)
+
+
+def default_reducer(inputs: Sequence[Tensor], gradients: Sequence[Tensor]) -> Tensor:
+    """``sum_k x_k * v_k``."""
+    return sum(x * v for x, v in zip(inputs, gradients))  # type: ignore[return-value]
+
+
+def _names(value: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class ParamMod:
+    """How a rule modifies a call's parameters (Zennit's ``ParamMod``).
+
+    Args:
+        modifier: ``(param, name) -> modified param``; ignored when ``param_keys`` is empty.
+        param_keys: Names of the parameters to modify; ``None`` means every parameter the called module
+            holds directly (``module.named_parameters(recurse=False)``).
+        zero_params: Names of parameters replaced by zeros instead of being modified.
+        require_params: If true, every name in ``param_keys`` must exist on the call (an attribute that is
+            ``None``, like a missing bias, counts as existing and is skipped); otherwise attribution raises
+            :class:`~lrpfunc.RuleError`.
+
+    Example:
+        >>> positive = ParamMod(lambda w, name: w.clamp(min=0), zero_params="bias")
+    """
+
+    modifier: Callable[[Tensor, str], Tensor] = keep_param
+    param_keys: tuple[str, ...] | None = None
+    zero_params: tuple[str, ...] | None = None
+    require_params: bool = True
+
+    def __init__(
+        self,
+        modifier: Callable[[Tensor, str], Tensor] = keep_param,
+        param_keys: str | Sequence[str] | None = None,
+        zero_params: str | Sequence[str] | None = None,
+        require_params: bool = True,
+    ) -> None:
+        if not callable(modifier):
+            raise TypeError(f"ParamMod: modifier must be callable, got {type(modifier).__name__}")
+        object.__setattr__(self, "modifier", modifier)
+        object.__setattr__(self, "param_keys", _names(param_keys))
+        object.__setattr__(self, "zero_params", _names(zero_params))
+        object.__setattr__(self, "require_params", bool(require_params))
+
+    @classmethod
+    def ensure(cls, value: ParamMod | Callable[[Tensor, str], Tensor]) -> ParamMod:
+        """A ``ParamMod`` as it is; a function ``(param, name) -> param`` wrapped with defaults."""
+        if isinstance(value, ParamMod):
+            return value
+        if callable(value):
+            return cls(value)
+        raise TypeError(f"ParamMod.ensure: expected a ParamMod or a callable, got {type(value).__name__}")
+
+    def keys(self, call: Call) -> tuple[str, ...]:
+        """The parameter names this modifier acts on for ``call``."""
+        if self.param_keys is not None:
+            return self.param_keys
+        return tuple(name for name in call.params if "." not in name)
+
+    def is_identity(self, call: Call) -> bool:
+        """Whether applying this modifier to ``call`` leaves every parameter as it is."""
+        if self.modifier is not keep_param:
+            return not self.keys(call)
+        zero = set(self.zero_params or ())
+        return not any(key in zero and key in call.params for key in self.keys(call))
+
+    def apply(self, call: Call, rule: str = "ParamMod") -> dict[str, Tensor]:
+        """The call's parameters with this modification applied.
+
+        Raises:
+            RuleError: A required parameter is missing.
+        """
+        keys = self.keys(call)
+        missing = [
+            key
+            for key in keys
+            if key not in call.params and not (call.module is not None and hasattr(call.module, key))
+        ]
+        if self.require_params and missing:
+            have = ", ".join(repr(name) for name in call.params) or "none"
+            raise RuleError(
+                f"rule {rule} requires parameter(s) {', '.join(repr(m) for m in missing)} of "
+                f"{call.describe()}, which has parameters: {have}. Use a rule without parameters "
+                f"(e.g. norm or passthrough) for this call, or ParamMod(..., require_params=False)."
+            )
+        zero = set(self.zero_params or ())
+        modified = dict(call.params)
+        for key in keys:
+            param = call.params.get(key)
+            if param is None:
+                continue
+            modified[key] = torch.zeros_like(param) if key in zero else self.modifier(param, key)
+        return modified
+
+
+@dataclass(frozen=True)
+class BasicRule:
+    """The general LRP rule; build it with :func:`basic`. See there for the definition."""
+
+    input_modifiers: tuple[Callable[[Tensor], Tensor], ...]
+    param_modifiers: tuple[ParamMod, ...]
+    output_modifiers: tuple[Callable[[Tensor], Tensor], ...]
+    gradient_mapper: Callable[[Tensor, Sequence[Tensor]], Sequence[Tensor] | Tensor] = default_gradient_mapper
+    reducer: Callable[[Sequence[Tensor], Sequence[Tensor]], Tensor] = default_reducer
+    name: str = field(default="basic", compare=False)
+
+    def __repr__(self) -> str:
+        return self.name
+
+    def __call__(self, call: Call, grad_outputs: tuple[Tensor, ...]) -> Propagated:
+        if len(call.outputs) != 1 or not call.inputs:
+            raise RuleError(
+                f"rule {self.name} handles calls with at least one activation input and exactly one "
+                f"floating-point output; {call.describe()} has {len(call.inputs)} input(s) and "
+                f"{len(call.outputs)} output(s). Attach a rule for this kind of call, or none."
+            )
+        with_params = call.wants_param_relevance
+        (grad_output,) = grad_outputs
+        inputs: list[tuple[Tensor, ...]] = []
+        params: list[dict[str, Tensor]] = []
+        outputs: list[Tensor] = []
+        pullbacks: list[Callable[[Tensor], tuple[tuple[Tensor, ...], dict[str, Tensor]]]] = []
+        for in_mod, param_mod, out_mod in zip(self.input_modifiers, self.param_modifiers, self.output_modifiers):
+            x_k, p_k, raw, pull_raw = self._modified_call(call, in_mod, param_mod, with_params)
+            if out_mod is identity:
+                y_k, pull = raw, pull_raw
+            else:
+                y_k, pull_out = torch.func.vjp(out_mod, raw)
+                pull = _compose(pull_raw, pull_out)
+            inputs.append(x_k)
+            params.append(p_k)
+            outputs.append(y_k)
+            pullbacks.append(pull)
+        gammas = self.gradient_mapper(grad_output, outputs)
+        if isinstance(gammas, Tensor):
+            gammas = (gammas,)
+        gammas = tuple(gammas)
+        if len(gammas) != len(outputs):
+            raise RuleError(
+                f"rule {self.name}: the gradient mapper returned {len(gammas)} tensors for {len(outputs)} "
+                f"modified outputs of {call.describe()}"
+            )
+        grads = [pull(gamma) for pull, gamma in zip(pullbacks, gammas)]
+        relevance = tuple(
+            self.reducer([x_k[i] for x_k in inputs], [g_k[0][i] for g_k in grads]) for i in range(len(call.inputs))
+        )
+        param_relevance: dict[str, Tensor] = {}
+        if with_params:
+            shared = set.intersection(*(set(g_k[1]) for g_k in grads)) if grads else set()
+            for name in call.params:
+                if name in shared:
+                    param_relevance[name] = self.reducer([p_k[name] for p_k in params], [g_k[1][name] for g_k in grads])
+        return Propagated(relevance, param_relevance)
+
+    def _modified_call(
+        self, call: Call, in_mod: Callable[[Tensor], Tensor], param_mod: ParamMod, with_params: bool
+    ) -> tuple[tuple[Tensor, ...], dict[str, Tensor], Tensor, Callable[[Tensor], Any]]:
+        """Modified inputs and parameters, the modified output and its pullback to both."""
+        if in_mod is identity and param_mod.is_identity(call) and not with_params:
+            pullback = call.pullback
+            return call.inputs, dict(call.params), call.outputs[0], lambda g: (pullback((g,)), {})
+        x_k = tuple(in_mod(x) for x in call.inputs)
+        p_k = param_mod.apply(call, self.name)
+        if with_params:
+            (raw,), pull_both = torch.func.vjp(lambda xs, ps: call.forward(xs, ps), x_k, p_k)
+            return x_k, p_k, raw, lambda g: pull_both((g,))
+        (raw,), pull_x = torch.func.vjp(lambda *xs: call.forward(xs, p_k), *x_k)
+        return x_k, p_k, raw, lambda g: (pull_x((g,)), {})
+
+
+def _compose(pull_raw: Callable[[Tensor], Any], pull_out: Callable[[Tensor], tuple[Tensor]]) -> Callable[[Tensor], Any]:
+    return lambda g: pull_raw(pull_out(g)[0])
+
+
+def basic(
+    *,
+    input_modifiers: Sequence[Callable[[Tensor], Tensor]] | None = None,
+    param_modifiers: Sequence[ParamMod | Callable[[Tensor, str], Tensor]] | None = None,
+    output_modifiers: Sequence[Callable[[Tensor], Tensor]] | None = None,
+    gradient_mapper: Callable[[Tensor, Sequence[Tensor]], Sequence[Tensor] | Tensor] | None = None,
+    reducer: Callable[[Sequence[Tensor], Sequence[Tensor]], Tensor] | None = None,
+    name: str = "basic",
+) -> BasicRule:
+    """The general LRP rule, Zennit's ``BasicHook`` as a pure value.
+
+    Definition:
+        For a call ``y = f(x; theta)`` with incoming relevance ``R_out`` and ``K`` modifier triples::
+
+            x_k = h_in_k(x)
+            y_k = h_out_k(f(x_k; h_param_k(theta)))
+            (gamma_1, ..., gamma_K) = gradient_mapper(R_out, (y_1, ..., y_K))
+            v_k = (d y_k / d x_k)^T gamma_k
+            R_in = reducer((x_1, ..., x_K), (v_1, ..., v_K))
+
+        Defaults: identity modifiers (as many as the longest list given), ``gradient_mapper`` =
+        ``R_out / stabilize(y_k)`` for each ``k`` and ``reducer`` = ``sum_k x_k * v_k``, i.e. the epsilon rule
+        with ``epsilon = 1e-6``. A call with several activation inputs applies the modifiers to each input
+        and the reducer once per input. When the caller asks for parameter relevance, the same reducer is
+        applied to ``(h_param_k(theta), (d y_k / d theta_k)^T gamma_k)`` for each parameter.
+
+        Every step is ordinary differentiable torch code, so derivatives of ``R_in`` w.r.t. ``x``, the
+        parameters and ``R_out`` are exact; a modifier triple that is the identity reuses the recorded
+        output and pullback instead of recomputing the forward pass.
+
+    Args:
+        input_modifiers: ``K`` functions ``x -> x_k``.
+        param_modifiers: ``K`` :class:`ParamMod` or functions ``(param, name) -> param``.
+        output_modifiers: ``K`` functions ``y -> y_k``.
+        gradient_mapper: ``(R_out, outputs) -> K tensors`` (a single tensor is accepted for ``K = 1``).
+        reducer: ``(inputs, gradients) -> R_in``.
+        name: Shown in rule tables and error messages.
+
+    Returns:
+        A :class:`BasicRule`.
+
+    Raises:
+        ValueError: The modifier lists have different lengths.
+
+    References:
+        Bach et al. (2015), On pixel-wise explanations for non-linear classifier decisions by layer-wise
+        relevance propagation, PLoS ONE. Anders et al. (2021), Software for dataset-wide XAI: from local
+        explanations to global insights with Zennit, CoRelAy, and ViRelAy, arXiv:2106.13200.
+
+    Example:
+        >>> lrp_zplus = basic(param_modifiers=[ParamMod(lambda w, _: w.clamp(min=0), zero_params="bias")])
+    """
+    given = {
+        "input_modifiers": input_modifiers,
+        "param_modifiers": param_modifiers,
+        "output_modifiers": output_modifiers,
+    }
+    lengths = {key: len(value) for key, value in given.items() if value is not None}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"basic: the modifier lists must have the same length, got {lengths}")
+    count = next(iter(lengths.values()), 1)
+    if count == 0:
+        raise ValueError("basic: the modifier lists must not be empty")
+    return BasicRule(
+        input_modifiers=tuple(input_modifiers) if input_modifiers is not None else (identity,) * count,
+        param_modifiers=tuple(ParamMod.ensure(p) for p in param_modifiers)
+        if param_modifiers is not None
+        else (ParamMod(),) * count,
+        output_modifiers=tuple(output_modifiers) if output_modifiers is not None else (identity,) * count,
+        gradient_mapper=gradient_mapper if gradient_mapper is not None else default_gradient_mapper,
+        reducer=reducer if reducer is not None else default_reducer,
+        name=name,
+    )

@@ -1,0 +1,81 @@
+"""What a rule sees of one call: :class:`Call`, and what it gives back: :class:`Propagated`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+Tensor = torch.Tensor
+
+__all__ = ["Call", "Propagated", "RuleError"]
+
+
+class RuleError(RuntimeError):
+    """A rule cannot handle the call it was given (wrong arity, missing parameters, bad result)."""
+
+
+class Propagated(NamedTuple):
+    """The result of a rule.
+
+    Attributes:
+        inputs: One cotangent (relevance) per activation input of the call, in the order of
+            :attr:`Call.inputs`; ``None`` for an input that receives nothing.
+        params: Relevance of each parameter, by the call's local parameter name (may be empty).
+    """
+
+    inputs: tuple[Tensor | None, ...]
+    params: Mapping[str, Tensor] = {}
+
+
+@dataclass(frozen=True, eq=False)
+class Call:
+    """One call of a module (or one functional operation) during the recorded forward pass.
+
+    A rule receives a ``Call`` and the cotangents of its outputs and returns the cotangents of its
+    inputs. Everything here is an ordinary tensor of the current ``torch.func`` level, so whatever a rule
+    computes from it is differentiated exactly by outer transforms.
+
+    Attributes:
+        name: Qualified name of the module (``"features.0"``) or, for an operation, of the module that
+            ran it followed by the operation (``"layer1.0/add"``).
+        module: The module called, or ``None`` for an operation that is not a module call.
+        op: The name of the operation for operation calls, else ``None``.
+        call_index: How many earlier calls the same module had in this forward pass.
+        inputs: The activation tensors the call consumed.
+        outputs: The floating-point tensors the call produced.
+        params: The call's parameters by local name (``"weight"``, ``"bias"``); after a canonizer merged
+            layers, the merged parameters (differentiable functions of the original ones).
+        wants_param_relevance: Whether the caller asked for a relevance of each parameter.
+    """
+
+    name: str
+    module: torch.nn.Module | None
+    op: str | None
+    call_index: int
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+    params: Mapping[str, Tensor]
+    wants_param_relevance: bool
+    _forward: Callable[[tuple[Tensor, ...], Mapping[str, Tensor]], tuple[Tensor, ...]] = field(repr=False)
+    _pullback: Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]] = field(repr=False)
+
+    def forward(self, inputs: Sequence[Tensor], params: Mapping[str, Tensor] | None = None) -> tuple[Tensor, ...]:
+        """Evaluate the call again on ``inputs`` with ``params`` (the call's own where not given).
+
+        Returns the floating-point outputs, like :attr:`outputs`.
+        """
+        merged = dict(self.params) if params is None else {**self.params, **params}
+        return self._forward(tuple(inputs), merged)
+
+    def pullback(self, grad_outputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
+        """The true vector-Jacobian product of the call at its recorded inputs (no forward recomputed)."""
+        return self._pullback(tuple(grad_outputs))
+
+    def describe(self) -> str:
+        """A short description for error messages, e.g. ``Linear 'features.3'``."""
+        kind = type(self.module).__name__ if self.module is not None else f"operation {self.op}"
+        suffix = f" (call {self.call_index + 1})" if self.call_index else ""
+        return f"{kind} '{self.name}'{suffix}"

@@ -1,0 +1,385 @@
+"""Record a forward pass without touching the model.
+
+The tracer is a :class:`torch.overrides.TorchFunctionMode`: every torch function or tensor method that the
+model's forward calls passes through :meth:`Tracer.__torch_function__`, which
+
+* substitutes the caller's parameters for the module's own (what :func:`torch.func.functional_call`
+  does, but without writing to the module, so concurrent calls from several threads cannot interfere),
+* runs operations that read an activation under :func:`torch.func.vjp`, keeping the true pullback,
+* runs in-place operations out of place and lets later reads of the mutated tensor see the new value,
+* records the operation so that rules can replay it with modified inputs or parameters.
+
+Module calls are delimited by process-wide forward hooks that do nothing unless the calling thread is
+tracing; they are installed only while at least one trace is running and never on the user's modules.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import optree
+import torch
+from torch.nn.modules import module as _module_globals
+from torch.overrides import TorchFunctionMode
+
+from ._record import OpNode, Record, Ref, Span
+
+__all__ = ["trace"]
+
+Tensor = torch.Tensor
+
+#: Functions that only read metadata: never recorded.
+_METADATA: frozenset[Any] = frozenset(
+    {
+        Tensor.shape.__get__,
+        Tensor.size,
+        Tensor.dim,
+        Tensor.ndim.__get__,
+        Tensor.numel,
+        Tensor.dtype.__get__,
+        Tensor.device.__get__,
+        Tensor.is_floating_point,
+        Tensor.is_complex,
+        Tensor.requires_grad.__get__,
+        Tensor.__len__,
+        Tensor.stride,
+        Tensor.is_contiguous,
+        Tensor.layout.__get__,
+    }
+)
+
+_FLOAT = object()
+_OTHER = object()
+
+_state = threading.local()
+_hook_lock = threading.Lock()
+_hook_users = 0
+_hook_handles: tuple[Any, ...] = ()
+
+
+def _pre_hook(module: torch.nn.Module, args: Any) -> None:
+    tracer = getattr(_state, "tracer", None)
+    if tracer is not None:
+        tracer.enter_module(module)
+
+
+def _post_hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+    tracer = getattr(_state, "tracer", None)
+    if tracer is not None:
+        tracer.exit_module(module, output)
+
+
+@contextmanager
+def _module_call_hooks() -> Iterator[None]:
+    """Install the process-wide module hooks while at least one trace runs."""
+    global _hook_users, _hook_handles
+    with _hook_lock:
+        if _hook_users == 0:
+            _hook_handles = (
+                _module_globals.register_module_forward_pre_hook(_pre_hook),
+                _module_globals.register_module_forward_hook(_post_hook, always_call=True),
+            )
+        _hook_users += 1
+    try:
+        yield
+    finally:
+        with _hook_lock:
+            _hook_users -= 1
+            if _hook_users == 0:
+                for handle in _hook_handles:
+                    handle.remove()
+                _hook_handles = ()
+
+
+def _is_float(tensor: Tensor) -> bool:
+    return tensor.is_floating_point() or tensor.is_complex()
+
+
+def _op_name(func: Callable[..., Any]) -> str:
+    name = getattr(func, "__name__", None) or type(func).__name__
+    if name == "__get__":
+        owner = getattr(func, "__self__", None)
+        name = getattr(owner, "__name__", name)
+    return name.strip("_") or name
+
+
+def _clone_then(func: Callable[..., Any], returns_none: bool) -> Callable[..., Any]:
+    """Out-of-place version of an in-place ``func``: mutate a clone of the first argument instead."""
+
+    def out_of_place(target: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        clone = target.clone()
+        func(clone, *args, **kwargs)
+        return clone
+
+    out_of_place.__name__ = getattr(func, "__name__", "inplace").strip("_")
+    return out_of_place
+
+
+def _out_of_place(func: Callable[..., Any], kwargs: dict[str, Any]) -> tuple[Callable[..., Any], bool, bool]:
+    """Return ``(function, mutates_first_argument, returns_none)`` for the out-of-place version of ``func``."""
+    if kwargs.get("inplace") is True:
+        kwargs["inplace"] = False
+        return func, True, False
+    name = getattr(func, "__name__", "")
+    if name == "__setitem__":
+        return _clone_then(func, True), True, True
+    if name.endswith("_") and not name.endswith("__"):
+        counterpart = getattr(Tensor, name[:-1], None)
+        if callable(counterpart):
+            return counterpart, True, False
+        return _clone_then(func, False), True, False
+    return func, False, False
+
+
+class Tracer(TorchFunctionMode):
+    """Records one forward pass of ``model`` with the caller's ``params``."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        params: Mapping[str, Tensor],
+        replace_op: Sequence[Callable[[Callable[..., Any]], Callable[..., Any] | None]] = (),
+    ) -> None:
+        super().__init__()
+        self.nodes: list[OpNode] = []
+        self.spans: list[Span] = []
+        self.stack: list[int] = []
+        self.first_vid: list[int] = []
+        self.values: dict[int, tuple[Tensor, int]] = {}
+        self.tensors: dict[int, Tensor] = {}
+        self.activations: set[int] = set()
+        self.param_names: dict[int, str] = {}
+        self.substitute: dict[int, Tensor] = {}
+        self.keep_alive: list[Tensor] = []
+        self.replace_op = tuple(replace_op)
+        self.module_names = {id(m): name for name, m in model.named_modules(remove_duplicate=False)}
+        self.call_counts: dict[int, int] = {}
+        for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+            given = params.get(name, tensor)
+            if given is not tensor:
+                self.substitute[id(tensor)] = given
+            if id(given) not in self.values:
+                self.param_names[self.register(given, activation=False)] = name
+
+    # values ------------------------------------------------------------------------------------------------
+    def register(self, tensor: Tensor, *, activation: bool) -> int:
+        vid = len(self.tensors)
+        self.tensors[vid] = tensor
+        self.values[id(tensor)] = (tensor, vid)
+        if activation:
+            self.activations.add(vid)
+        return vid
+
+    def resolve(self, tensor: Tensor) -> Tensor:
+        """The tensor to use for ``tensor``: the caller's parameter, or the latest value after in-place ops."""
+        substitute = self.substitute.get(id(tensor))
+        while substitute is not None:
+            tensor = substitute
+            substitute = self.substitute.get(id(tensor))
+        return tensor
+
+    def vid_of(self, tensor: Tensor) -> int | None:
+        entry = self.values.get(id(self.resolve(tensor)))
+        return None if entry is None else entry[1]
+
+    # module calls ------------------------------------------------------------------------------------------
+    def enter_module(self, module: torch.nn.Module) -> None:
+        key = id(module)
+        index = self.call_counts.get(key, 0)
+        self.call_counts[key] = index + 1
+        name = self.module_names.get(key, f"<{type(module).__name__}>")
+        params = {}
+        for local, tensor in module.named_parameters():
+            vid = self.vid_of(tensor)
+            if vid is not None:
+                params[local] = vid
+        sid = len(self.spans)
+        self.spans.append(
+            Span(sid, name, module, index, params, parent=self.stack[-1] if self.stack else None)
+        )
+        self.stack.append(sid)
+        self.first_vid.append(len(self.tensors))
+
+    def exit_module(self, module: torch.nn.Module, output: Any) -> None:
+        if not self.stack or self.spans[self.stack[-1]].module is not module:
+            return
+        span = self.spans[self.stack.pop()]
+        first = self.first_vid.pop()
+        inputs: dict[int, None] = {}
+        for index in span.nodes:
+            for vid in self.nodes[index].inputs:
+                if vid < first:
+                    inputs[vid] = None
+        span.inputs = tuple(inputs)
+        outputs = []
+        for leaf in optree.tree_leaves(output, none_is_leaf=True):
+            if isinstance(leaf, Tensor):
+                vid = self.vid_of(leaf)
+                if vid is not None and vid in self.activations:
+                    outputs.append(vid)
+        span.outputs = tuple(outputs)
+
+    # operations --------------------------------------------------------------------------------------------
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> Any:
+        kwargs = dict(kwargs or {})
+        if func in _METADATA:
+            return func(*args, **kwargs)
+        fn, mutates, returns_none = _out_of_place(func, kwargs)
+        leaves, spec = optree.tree_flatten((tuple(args), kwargs), none_is_leaf=True)
+        recorded = False
+        act_positions: list[int] = []
+        act_vids: list[int] = []
+        template = list(leaves)
+        for position, leaf in enumerate(leaves):
+            if isinstance(leaf, Tensor):
+                leaf = self.resolve(leaf)
+                leaves[position] = leaf
+                entry = self.values.get(id(leaf))
+                if entry is None:
+                    continue
+                recorded = True
+                vid = entry[1]
+                template[position] = Ref(vid)
+                if vid in self.activations and _is_float(leaf):
+                    act_positions.append(position)
+                    act_vids.append(vid)
+        if not recorded:
+            return func(*args, **kwargs) if not mutates else self._run_plain(fn, leaves, spec)
+        for replace in self.replace_op:
+            replacement = replace(fn)
+            if replacement is not None:
+                fn = replacement
+                break
+
+        out_shape: list[Any] = []
+
+        def run(*activations: Tensor) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+            current = list(leaves)
+            for position, activation in zip(act_positions, activations):
+                current[position] = activation
+            call_args, call_kwargs = optree.tree_unflatten(spec, current)
+            result = fn(*call_args, **call_kwargs)
+            result_leaves, result_spec = optree.tree_flatten(result, none_is_leaf=True)
+            floats, others, kinds = [], [], []
+            for leaf in result_leaves:
+                if isinstance(leaf, Tensor):
+                    (floats if _is_float(leaf) else others).append(leaf)
+                    kinds.append(_FLOAT if _is_float(leaf) else _OTHER)
+                else:
+                    kinds.append(leaf)
+            out_shape[:] = [result_spec, kinds, bool(floats)]
+            return tuple(floats) or (torch.zeros(()),), tuple(others)
+
+        if act_positions:
+            floats, pullback, others = torch.func.vjp(
+                run, *(leaves[p] for p in act_positions), has_aux=True
+            )
+            result_spec, kinds, has_floats = out_shape
+            if not has_floats:
+                floats, pullback = (), None
+        else:
+            floats, others = run()
+            result_spec, kinds, _ = out_shape
+            floats = floats if _any_float(kinds) else ()
+            pullback = None
+
+        floats_iter, others_iter = iter(floats), iter(others)
+        result_leaves, output_leaves, output_vids = [], [], []
+        for kind in kinds:
+            if kind is _FLOAT or kind is _OTHER:
+                tensor = next(floats_iter) if kind is _FLOAT else next(others_iter)
+                vid = self.register(tensor, activation=kind is _FLOAT and pullback is not None)
+                result_leaves.append(tensor)
+                output_leaves.append(Ref(vid))
+                if kind is _FLOAT and pullback is not None:
+                    output_vids.append(vid)
+            else:
+                result_leaves.append(kind)
+                output_leaves.append(kind)
+        node = OpNode(
+            func=func,
+            fn=fn,
+            name=_op_name(func),
+            leaves=template,
+            spec=spec,
+            inputs=tuple(act_vids),
+            input_positions=tuple(act_positions),
+            outputs=tuple(output_vids),
+            output_spec=result_spec,
+            output_leaves=output_leaves,
+            pullback=pullback,
+            spans=tuple(self.stack),
+        )
+        index = len(self.nodes)
+        self.nodes.append(node)
+        for sid in self.stack:
+            self.spans[sid].nodes.append(index)
+        result = optree.tree_unflatten(result_spec, result_leaves)
+        if mutates and isinstance(leaves[0], Tensor):
+            target = leaves[0]
+            self.keep_alive.append(target)
+            self.substitute[id(target)] = result
+            return None if returns_none else result
+        return result
+
+    def _run_plain(self, fn: Callable[..., Any], leaves: list[Any], spec: Any) -> Any:
+        call_args, call_kwargs = optree.tree_unflatten(spec, leaves)
+        return fn(*call_args, **call_kwargs)
+
+    def record(self, input_ids: list[int], output: Any) -> Record:
+        return Record(
+            nodes=self.nodes,
+            spans=self.spans,
+            tensors=self.tensors,
+            activations=self.activations,
+            param_names=self.param_names,
+            input_ids=input_ids,
+            output=output,
+        )
+
+
+def _any_float(kinds: list[Any]) -> bool:
+    return any(kind is _FLOAT for kind in kinds)
+
+
+def call_model(model: torch.nn.Module, x: Any) -> Any:
+    """Call ``model`` with ``x``: a tuple is spread over positional arguments, a dict over keywords."""
+    if isinstance(x, tuple):
+        return model(*x)
+    if isinstance(x, dict):
+        return model(**x)
+    return model(x)
+
+
+def trace(
+    model: torch.nn.Module,
+    params: Mapping[str, Tensor],
+    x: Any,
+    replace_op: Sequence[Callable[[Callable[..., Any]], Callable[..., Any] | None]] = (),
+) -> Record:
+    """Run ``model`` on ``x`` with ``params`` and return the :class:`Record` of the forward pass."""
+    tracer = Tracer(model, params, replace_op)
+    input_ids = [
+        tracer.register(leaf, activation=_is_float(leaf)) for leaf in optree.tree_leaves(x, none_is_leaf=True)
+    ]
+    previous = getattr(_state, "tracer", None)
+    with _module_call_hooks():
+        _state.tracer = tracer
+        try:
+            with tracer:
+                output = call_model(model, x)
+        finally:
+            _state.tracer = previous
+    output = optree.tree_map(
+        lambda leaf: tracer.resolve(leaf) if isinstance(leaf, Tensor) else leaf, output, none_is_leaf=True
+    )
+    return tracer.record(input_ids, output)
