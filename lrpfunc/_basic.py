@@ -156,7 +156,7 @@ class BasicRule:
         with_params = call.wants_param_relevance
         (grad_output,) = grad_outputs
         inputs: list[tuple[Tensor, ...]] = []
-        params: list[dict[str, Tensor]] = []
+        params: list[Mapping[str, Tensor]] = []
         outputs: list[Tensor] = []
         pullbacks: list[Callable[[Tensor], tuple[tuple[Tensor, ...], dict[str, Tensor]]]] = []
         for in_mod, param_mod, out_mod in zip(self.input_modifiers, self.param_modifiers, self.output_modifiers):
@@ -193,11 +193,11 @@ class BasicRule:
 
     def _modified_call(
         self, call: Call, in_mod: Callable[[Tensor], Tensor], param_mod: ParamMod, with_params: bool
-    ) -> tuple[tuple[Tensor, ...], dict[str, Tensor], Tensor, Callable[[Tensor], Any]]:
+    ) -> tuple[tuple[Tensor, ...], Mapping[str, Tensor], Tensor, Callable[[Tensor], Any]]:
         """Modified inputs and parameters, the modified output and its pullback to both."""
         if in_mod is identity and param_mod.is_identity(call) and not with_params:
             pullback = call.pullback
-            return call.inputs, dict(call.params), call.outputs[0], lambda g: (pullback((g,)), {})
+            return call.inputs, call.params, call.outputs[0], lambda g: (pullback((g,)), {})
         x_k = tuple(in_mod(x) for x in call.inputs)
         p_k = param_mod.apply(call, self.name)
         if with_params:

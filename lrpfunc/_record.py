@@ -23,7 +23,30 @@ from typing import Any
 import optree
 import torch
 
-__all__ = ["Ref", "OpNode", "Span", "Record"]
+__all__ = ["Ref", "OpNode", "Span", "Record", "LazyParams"]
+
+
+class LazyParams(Mapping[str, torch.Tensor]):
+    """Parameters computed on first access (merged parameters are only needed by rules that read them)."""
+
+    def __init__(self, names: tuple[str, ...], compute: Callable[[], dict[str, torch.Tensor]]) -> None:
+        self._names = names
+        self._compute: Callable[[], dict[str, torch.Tensor]] | None = compute
+        self._values: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if self._compute is not None:
+            self._values, self._compute = self._compute(), None
+        return self._values[name]
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +167,7 @@ class Record:
     param_names: dict[int, str]
     input_ids: list[int]
     output: Any
-    params_override: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    params_override: dict[int, Mapping[str, torch.Tensor]] = field(default_factory=dict)
 
     def consumers(self) -> dict[int, list[int]]:
         """Value id to the ids of the operations that take it as an activation input."""

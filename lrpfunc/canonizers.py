@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from . import types as _types
-from ._record import OpNode, Record, Ref, Span
+from ._record import LazyParams, OpNode, Record, Ref, Span
 
 Tensor = torch.Tensor
 
@@ -124,15 +124,17 @@ class MergeBatchNorm(Canonizer):
     def _merge(record: Record, layer: Span, bn: Span, arguments: Mapping[str, Any]) -> None:
         weight = record.tensors[layer.params["weight"]]
         bias = record.tensors[layer.params["bias"]] if "bias" in layer.params else None
-        mean, var, eps = arguments["running_mean"], arguments["running_var"], arguments["eps"]
-        scale = (var + eps) ** -0.5
-        if arguments["weight"] is not None:
-            scale = arguments["weight"] * scale
-        shift = -mean if bias is None else bias - mean
-        merged_bias = shift * scale
-        if arguments["bias"] is not None:
-            merged_bias = merged_bias + arguments["bias"]
-        merged_weight = weight * scale.reshape(-1, *([1] * (weight.ndim - 1)))
+
+        def merged() -> dict[str, Tensor]:
+            mean, var, eps = arguments["running_mean"], arguments["running_var"], arguments["eps"]
+            scale = (var + eps) ** -0.5
+            if arguments["weight"] is not None:
+                scale = arguments["weight"] * scale
+            merged_bias = (-mean if bias is None else bias - mean) * scale
+            if arguments["bias"] is not None:
+                merged_bias = merged_bias + arguments["bias"]
+            return {"weight": weight * scale.reshape(-1, *([1] * (weight.ndim - 1))), "bias": merged_bias}
+
         original = _replay_fixed(record, layer)
         has_bias = bias is not None
 
@@ -152,7 +154,7 @@ class MergeBatchNorm(Canonizer):
         for index in bn.nodes:
             node = record.nodes[index]
             node.spans = tuple(layer.sid if sid == bn.sid else sid for sid in node.spans)
-        record.params_override[layer.sid] = {"weight": merged_weight, "bias": merged_bias}
+        record.params_override[layer.sid] = LazyParams(("weight", "bias"), merged)
 
 
 def merge_batchnorm() -> MergeBatchNorm:
