@@ -15,6 +15,7 @@ tracing; they are installed only while at least one trace is running and never o
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ from typing import Any
 
 import optree
 import torch
+import torch.nn.functional as F
 from torch.nn.modules import module as _module_globals
 from torch.overrides import TorchFunctionMode
 
@@ -134,6 +136,28 @@ def _out_of_place(func: Callable[..., Any], kwargs: dict[str, Any]) -> tuple[Cal
     return func, False, False
 
 
+def _without_running_stat_updates(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``F.batch_norm``/``F.instance_norm`` that update clones of the running statistics, not the module's."""
+    signature = inspect.signature(func)
+
+    def normalize(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        for name in ("running_mean", "running_var"):
+            value = bound.arguments.get(name)
+            if isinstance(value, Tensor):
+                bound.arguments[name] = value.clone()
+        return func(*bound.args, **bound.kwargs)
+
+    normalize.__name__ = func.__name__
+    return normalize
+
+
+_NORMALIZATIONS_WITH_RUNNING_STATS = {
+    F.batch_norm: _without_running_stat_updates(F.batch_norm),
+    F.instance_norm: _without_running_stat_updates(F.instance_norm),
+}
+
+
 class Tracer(TorchFunctionMode):
     """Records one forward pass of ``model`` with the caller's ``params``."""
 
@@ -234,6 +258,7 @@ class Tracer(TorchFunctionMode):
         if func in _METADATA:
             return func(*args, **kwargs)
         fn, mutates, returns_none = _out_of_place(func, kwargs)
+        fn = _NORMALIZATIONS_WITH_RUNNING_STATS.get(fn, fn)
         leaves, spec = optree.tree_flatten((tuple(args), kwargs), none_is_leaf=True)
         recorded = False
         act_positions: list[int] = []
