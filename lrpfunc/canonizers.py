@@ -100,17 +100,21 @@ class MergeBatchNorm(Canonizer):
     def rewrite(self, record: Record) -> None:
         consumers = record.consumers()
         for bn in record.spans:
-            if bn.removed or not isinstance(bn.module, _types.BatchNorm) or len(bn.nodes) != 1:
+            if bn.removed or not isinstance(bn.module, _types.BatchNorm):
                 continue
-            node = record.nodes[bn.nodes[0]]
-            if node.func is not F.batch_norm or len(bn.inputs) != 1 or len(bn.outputs) != 1:
+            # the batch_norm call; training mode also runs a static num_batches_tracked update
+            active = [index for index in bn.nodes if record.nodes[index].pullback is not None]
+            if len(active) != 1 or len(bn.inputs) != 1 or len(bn.outputs) != 1:
+                continue
+            node = record.nodes[active[0]]
+            if node.func is not F.batch_norm:
                 continue
             bound = _BATCH_NORM_SIGNATURE.bind(*_arguments(record, node)[0], **_arguments(record, node)[1])
             bound.apply_defaults()
             arguments = bound.arguments
             (vid,) = bn.inputs
             layer = _producer(record, vid)
-            if layer is None or consumers.get(vid) != [bn.nodes[0]]:
+            if layer is None or consumers.get(vid) != active:
                 continue
             if arguments["training"]:
                 raise ValueError(
