@@ -43,8 +43,8 @@ def stabilize(
         tensor([-1.5000,  0.5000,  2.5000])
     """
     if not (clip or norm_scale):
-        # z + (sign(z) + (z == 0)) * epsilon, in one comparison instead of three element-wise passes
-        return z + torch.where(z >= 0, epsilon, -epsilon)
+        # z + (sign(z) + (z == 0)) * epsilon, in z's precision, without the two passes of sign and z == 0
+        return torch.where(z >= 0, z + epsilon, z - epsilon)
     sign = (z == 0).to(z) + z.sign()
     if norm_scale:
         dims = tuple(range(1, z.ndim)) if dim is None else tuple(dim)

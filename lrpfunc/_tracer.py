@@ -53,6 +53,16 @@ _METADATA: frozenset[Any] = frozenset(
     }
 )
 
+#: Operations whose result may share memory with their first input.
+_VIEW_OPS = frozenset(
+    {
+        "getitem", "view", "view_as", "t", "T", "mT", "H", "mH", "transpose", "permute", "narrow", "select",
+        "unsqueeze", "squeeze", "expand", "expand_as", "as_strided", "diagonal", "unflatten", "flatten",
+        "reshape", "reshape_as", "split", "chunk", "unbind", "movedim", "moveaxis", "swapaxes", "swapdims",
+        "unfold", "real", "imag", "detach", "alias", "tensor_split", "hsplit", "vsplit", "dsplit",
+    }
+)
+
 _FLOAT = object()
 _OTHER = object()
 
@@ -179,14 +189,31 @@ class Tracer(TorchFunctionMode):
         self.substitute: dict[int, Tensor] = {}
         self.keep_alive: list[Tensor] = []
         self.replace_op = tuple(replace_op)
-        self.module_names = {id(m): name for name, m in model.named_modules(remove_duplicate=False)}
+        self.module_names: dict[int, str] = {}
+        for name, module in model.named_modules(remove_duplicate=False):
+            self.module_names.setdefault(id(module), name)
         self.call_counts: dict[int, int] = {}
-        for name, tensor in (*model.named_parameters(), *model.named_buffers()):
-            given = params.get(name, tensor)
-            if given is not tensor:
-                self.substitute[id(tensor)] = given
-            if id(given) not in self.values:
-                self.param_names[self.register(given, activation=False)] = name
+        self.grad_enabled = torch.is_grad_enabled()
+        self.view_base: dict[int, int] = {}
+        self.stale: dict[int, str] = {}
+        names_of: dict[int, tuple[Tensor, list[str]]] = {}
+        for name, tensor in (
+            *model.named_parameters(remove_duplicate=False),
+            *model.named_buffers(remove_duplicate=False),
+        ):
+            names_of.setdefault(id(tensor), (tensor, []))[1].append(name)
+        for tensor, names in names_of.values():
+            given = {id(params[name]): (name, params[name]) for name in names if name in params}
+            if len(given) > 1:
+                raise ValueError(
+                    f"params gives different tensors for the tied names {', '.join(repr(n) for n in names)}, "
+                    f"which are one tensor in the model; give one of them"
+                )
+            name, value = next(iter(given.values()), (names[0], tensor))
+            if value is not tensor:
+                self.substitute[id(tensor)] = value
+            if id(value) not in self.values:
+                self.param_names[self.register(value, activation=False)] = name
 
     # values ------------------------------------------------------------------------------------------------
     def register(self, tensor: Tensor, *, activation: bool) -> int:
@@ -260,6 +287,8 @@ class Tracer(TorchFunctionMode):
         fn, mutates, returns_none = _out_of_place(func, kwargs)
         fn = _NORMALIZATIONS_WITH_RUNNING_STATS.get(fn, fn)
         leaves, spec = optree.tree_flatten((tuple(args), kwargs), none_is_leaf=True)
+        # torch.no_grad() inside the forward: what it computes is a constant, as for autograd
+        constant = self.grad_enabled and not torch.is_grad_enabled()
         recorded = False
         act_positions: list[int] = []
         act_vids: list[int] = []
@@ -273,8 +302,10 @@ class Tracer(TorchFunctionMode):
                     continue
                 recorded = True
                 vid = entry[1]
+                if vid in self.stale:
+                    raise NotImplementedError(self.stale[vid])
                 template[position] = Ref(vid)
-                if vid in self.activations and _is_float(leaf):
+                if vid in self.activations and _is_float(leaf) and not constant:
                     act_positions.append(position)
                     act_vids.append(vid)
         if not recorded:
@@ -349,12 +380,29 @@ class Tracer(TorchFunctionMode):
         for sid in self.stack:
             self.spans[sid].nodes.append(index)
         result = optree.tree_unflatten(result_spec, result_leaves)
+        if act_vids and node.name in _VIEW_OPS:
+            for vid in output_vids:
+                self.view_base[vid] = act_vids[0]
         if mutates and isinstance(leaves[0], Tensor):
             target = leaves[0]
+            self._mark_bases_stale(target, node.name)
             self.keep_alive.append(target)
             self.substitute[id(target)] = result
             return None if returns_none else result
         return result
+
+    def _mark_bases_stale(self, target: Tensor, op: str) -> None:
+        """An in-place write into a view changes its base, which a record of values cannot follow."""
+        entry = self.values.get(id(target))
+        vid = None if entry is None else entry[1]
+        where = self.spans[self.stack[-1]].name if self.stack else ""
+        while vid is not None and vid in self.view_base:
+            vid = self.view_base[vid]
+            self.stale[vid] = (
+                f"attribute: the in-place operation {op} in '{where or 'the model'}' wrote into a view "
+                f"of an activation that is read afterwards; lrpfunc records values, not memory, so write it out "
+                f"of place (e.g. torch.cat, torch.where or index_put instead of slicing assignment)"
+            )
 
     def _run_plain(self, fn: Callable[..., Any], leaves: list[Any], spec: Any) -> Any:
         call_args, call_kwargs = optree.tree_unflatten(spec, leaves)
@@ -393,9 +441,14 @@ def trace(
 ) -> Record:
     """Run ``model`` on ``x`` with ``params`` and return the :class:`Record` of the forward pass."""
     tracer = Tracer(model, params, replace_op)
-    input_ids = [
-        tracer.register(leaf, activation=_is_float(leaf)) for leaf in optree.tree_leaves(x, none_is_leaf=True)
-    ]
+    leaves, spec = optree.tree_flatten(x, none_is_leaf=True)
+    seen: set[int] = set()
+    for index, leaf in enumerate(leaves):
+        if id(leaf) in seen:  # the same tensor passed twice is two inputs, as for torch.func.vjp
+            leaves[index] = leaf.view_as(leaf)
+        seen.add(id(leaf))
+    x = optree.tree_unflatten(spec, leaves)
+    input_ids = [tracer.register(leaf, activation=_is_float(leaf)) for leaf in leaves]
     previous = getattr(_state, "tracer", None)
     with _module_call_hooks():
         _state.tracer = tracer
@@ -407,4 +460,8 @@ def trace(
     output = optree.tree_map(
         lambda leaf: tracer.resolve(leaf) if isinstance(leaf, Tensor) else leaf, output, none_is_leaf=True
     )
+    for leaf in optree.tree_leaves(output, none_is_leaf=True):
+        vid = tracer.vid_of(leaf) if isinstance(leaf, Tensor) else None
+        if vid in tracer.stale:
+            raise NotImplementedError(tracer.stale[vid])
     return tracer.record(input_ids, output)

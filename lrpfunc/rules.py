@@ -231,16 +231,18 @@ def gamma(gamma: float = 0.25, stabilizer: StabilizerLike = 1e-6, zero_params: Z
 
 
 def _expand_bound(bound: float | Tensor, like: Tensor) -> Tensor:
-    """Broadcast ``bound`` to ``like``; a bound with a larger batch than ``like`` is cut to its batch size."""
+    """Broadcast ``bound`` to ``like`` (torch broadcasting: trailing dimensions align). A bound with as many
+    dimensions as the input and a larger batch is cut to the input's batch size, as Zennit does."""
     tensor = torch.as_tensor(bound).to(like)
-    if tensor.ndim < like.ndim and tensor.ndim > 0 and all(a in (1, b) for a, b in zip(tensor.shape, like.shape)):
-        tensor = tensor[(...,) + (None,) * (like.ndim - tensor.ndim)]
-    if tensor.ndim == like.ndim and tensor.shape[0] > like.shape[0]:
+    if tensor.ndim == like.ndim and tensor.ndim > 0 and tensor.shape[0] > like.shape[0]:
         tensor = tensor[: like.shape[0]]
     try:
         return tensor.expand(like.shape)
     except RuntimeError as error:
-        raise RuleError(f"zbox: bound of shape {tuple(tensor.shape)} does not broadcast to the input's shape {tuple(like.shape)}") from error
+        raise RuleError(
+            f"zbox: a bound of shape {tuple(tensor.shape)} does not broadcast to the input's shape "
+            f"{tuple(like.shape)}; give a float or a tensor broadcastable to it (per channel: shape (1, C, 1, 1))"
+        ) from error
 
 
 def zbox(
