@@ -2,6 +2,7 @@
 
 from . import canonizers, composites, rules, types
 from ._attribute import attribute, attribute_with_params, rule_table
+from ._attributors import integrated_gradients, occlusion, smooth_grad
 from ._basic import ParamMod
 from ._call import Call, Propagated, RuleError
 from ._composite import CallSite, RuleTable
@@ -11,6 +12,9 @@ __all__ = [
     "attribute",
     "attribute_with_params",
     "rule_table",
+    "integrated_gradients",
+    "smooth_grad",
+    "occlusion",
     "ParamMod",
     "Call",
     "CallSite",

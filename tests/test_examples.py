@@ -1,0 +1,165 @@
+"""Every example runs to completion with its fast settings, and what it reports holds."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from PIL import Image
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+NAMES = (
+    "quickstart",
+    "explanation_guided_training",
+    "adversarial_explanation",
+    "per_sample_and_all_classes",
+    "custom_rule",
+    "custom_canonizer",
+    "distributed_attribution",
+)
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"lrpfunc_example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The examples' models are tiny: one thread is faster, and immune to oversubscribed machines."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _valid_png(path: str | Path) -> tuple[int, int]:
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        image.verify()
+    with Image.open(path) as image:
+        image.load()
+        return image.size
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_example_has_a_story_and_main(name: str) -> None:
+    module = _load(name)
+    assert module.__doc__ and len(module.__doc__.strip().splitlines()) > 3
+    signature = inspect.signature(module.main)
+    assert list(signature.parameters) == ["argv", "fast"]
+    assert signature.parameters["argv"].default is None
+    assert signature.parameters["fast"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert signature.parameters["fast"].default is False
+
+
+def test_quickstart(tmp_path: Path) -> None:
+    result = _load("quickstart").main([str(tmp_path)], fast=True)
+    rows, columns = result["rows"], len(result["columns"])
+    assert rows == 6
+    assert result["columns"] == ["input", "gradient", "integrated_gradients", "guided_backprop", "epsilon_plus_flat",
+                                 "epsilon_gamma_box", "epsilon_alpha2_beta1"]
+    expected = (columns * 128 + (columns - 1) * 2, rows * 128 + (rows - 1) * 2)  # 32x32 cells enlarged 4x
+    assert result["grid_size"] == expected
+    assert _valid_png(tmp_path / "quickstart.png") == expected
+    assert result["test_accuracy"] >= 0.9
+    area = result["object_area"]
+    for name, share in result["positive_relevance_on_object"].items():
+        assert share > 2 * area, name  # every method points at the object
+    for name in ("epsilon_plus_flat", "epsilon_gamma_box", "epsilon_alpha2_beta1"):
+        assert result["positive_relevance_on_object"][name] > 5 * area, name
+
+
+def test_explanation_guided_training(tmp_path: Path) -> None:
+    result = _load("explanation_guided_training").main([str(tmp_path)], fast=True)
+    plain, guided, lrp = result["plain"], result["gradient_penalty"], result["lrp_penalty"]
+    # plain training takes the shortcut
+    assert plain["accuracy_train"] > 0.95
+    assert plain["accuracy_flipped"] < 0.2
+    assert plain["gradient_share_on_decoy"] > 5 * result["decoy_area"]
+    # the penalty removes the relevance on the decoy and the model learns the shape
+    assert guided["gradient_share_on_decoy"] < 0.1 * plain["gradient_share_on_decoy"]
+    assert guided["lrp_share_on_decoy"] < 0.1 * plain["lrp_share_on_decoy"]
+    assert guided["accuracy_none"] > plain["accuracy_none"] + 0.3
+    assert guided["accuracy_flipped"] > 0.9
+    assert guided["accuracy_train"] > 0.9
+    # penalising LRP relevance hides the decoy from LRP without removing the shortcut
+    assert lrp["lrp_share_on_decoy"] < 0.2 * plain["lrp_share_on_decoy"]
+    assert lrp["accuracy_flipped"] < 0.5
+    for picture in result["pictures"]:
+        _valid_png(picture)
+
+
+def test_adversarial_explanation(tmp_path: Path) -> None:
+    result = _load("adversarial_explanation").main([str(tmp_path)], fast=True)
+    before, after = torch.tensor(result["distance_before"]), torch.tensor(result["distance_after"])
+    assert len(before) == 3
+    assert (after < before).all()  # every explanation moved toward its target
+    assert after.sum() < 0.6 * before.sum()
+    assert max(result["relative_output_change"]) < 0.08  # while the output barely moved
+    assert all(result["same_prediction"])
+    _valid_png(result["path"])
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's jacfwd set-up
+def test_per_sample_and_all_classes_default_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = _load("per_sample_and_all_classes").main([], fast=True)  # the default output folder
+    path = tmp_path / "out" / "per_sample_and_all_classes" / "all_classes.png"
+    assert Path(result["path"]).resolve() == path.resolve()
+    assert _valid_png(path) == result["grid_size"] == (4 * 128 + 3 * 2, 5 * 128 + 4 * 2)
+    assert result["shape_all_classes"] == (5, 3, 3, 32, 32)
+    for key in ("per_sample_vmap_vs_loop", "per_sample_vmap_vs_batched", "all_classes_vmap_vs_loop",
+                "all_classes_jacfwd_vs_loop"):
+        assert result[key] < 1e-10, key
+
+
+def test_custom_rule(tmp_path: Path) -> None:
+    result = _load("custom_rule").main([str(tmp_path)], fast=True)
+    assert result["closed_form_error"] < 1e-12
+    assert result["builtin_zplus_error"] < 1e-12
+    assert result["conservation_error"] < 1e-2
+    assert "zplus_relu" in result["rule_table"]
+    _valid_png(result["path"])
+
+
+def test_custom_canonizer(tmp_path: Path) -> None:
+    result = _load("custom_canonizer").main([str(tmp_path)], fast=True)
+    assert result["relu_direction_max"] == 0.0  # the ReLU network has no second-order signal
+    assert result["softplus_direction_max"] > 1e-3
+    assert result["custom_vs_builtin"] == 0.0
+    assert result["finite_difference_relative_error"] < 1e-6
+    _valid_png(result["path"])
+
+
+def test_distributed_attribution_equals_single_process(tmp_path: Path) -> None:
+    module = _load("distributed_attribution")
+    single = module.main([str(tmp_path / "single"), "--single"], fast=True)
+    assert single["world_size"] == 1 and single["samples"] == 32
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(EXAMPLES / "distributed_attribution.py"), str(tmp_path / "distributed"), "--fast",
+               "--backend", "gloo"]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=150, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert "by 2 process(es)" in completed.stdout
+    reference = torch.load(tmp_path / "single" / "relevance.pt")
+    distributed = torch.load(tmp_path / "distributed" / "relevance.pt")
+    assert distributed["world_size"] == 2 and distributed["backend"] == "gloo"
+    assert torch.equal(distributed["predictions"], reference["predictions"])
+    scale = reference["relevance"].abs().max()
+    assert scale > 0
+    assert (distributed["relevance"] - reference["relevance"]).abs().max() <= 1e-5 * scale
+    for folder in ("single", "distributed"):
+        _valid_png(tmp_path / folder / "heatmaps.png")
