@@ -67,9 +67,7 @@ class OpNode:
         leaves: Flattened ``(args, kwargs)``; recorded tensors are :class:`Ref`.
         spec: The optree spec to unflatten ``leaves``.
         inputs: Ids of the activation values the operation consumed (in order of first appearance).
-        input_positions: Positions in ``leaves`` of each of ``inputs``.
         outputs: Ids of the floating-point tensor values it produced.
-        output_spec: Optree spec of the full output; with ``output_leaves`` rebuilds the output.
         output_leaves: Output leaves with floating-point tensors replaced by :class:`Ref`.
         pullback: The true vector-Jacobian product from outputs to ``inputs``; ``None`` for static ops.
         spans: Ids of the module calls enclosing this operation, outermost first.
@@ -82,9 +80,7 @@ class OpNode:
     leaves: list[Any]
     spec: Any
     inputs: tuple[int, ...]
-    input_positions: tuple[int, ...]
     outputs: tuple[int, ...]
-    output_spec: Any
     output_leaves: list[Any]
     pullback: Callable[..., tuple[torch.Tensor, ...]] | None
     spans: tuple[int, ...]
@@ -136,13 +132,6 @@ class Span:
     forward: Callable[[tuple[torch.Tensor, ...], Mapping[str, torch.Tensor]], tuple[torch.Tensor, ...]] | None = None
     parent: int | None = None
     removed: bool = False
-
-    def depth(self, spans: list[Span]) -> int:
-        """How many calls enclose this one."""
-        depth, parent = 0, self.parent
-        while parent is not None:
-            depth, parent = depth + 1, spans[parent].parent
-        return depth
 
 
 @dataclass(eq=False, slots=True)

@@ -118,7 +118,7 @@ def _op_name(func: Callable[..., Any]) -> str:
     return name.strip("_") or name
 
 
-def _clone_then(func: Callable[..., Any], returns_none: bool) -> Callable[..., Any]:
+def _clone_then(func: Callable[..., Any]) -> Callable[..., Any]:
     """Out-of-place version of an in-place ``func``: mutate a clone of the first argument instead."""
 
     def out_of_place(target: Tensor, *args: Any, **kwargs: Any) -> Tensor:
@@ -137,12 +137,12 @@ def _out_of_place(func: Callable[..., Any], kwargs: dict[str, Any]) -> tuple[Cal
         return func, True, False
     name = getattr(func, "__name__", "")
     if name == "__setitem__":
-        return _clone_then(func, True), True, True
+        return _clone_then(func), True, True
     if name.endswith("_") and not name.endswith("__"):
         counterpart = getattr(Tensor, name[:-1], None)
         if callable(counterpart):
             return counterpart, True, False
-        return _clone_then(func, False), True, False
+        return _clone_then(func), True, False
     return func, False, False
 
 
@@ -368,9 +368,7 @@ class Tracer(TorchFunctionMode):
             leaves=template,
             spec=spec,
             inputs=tuple(act_vids),
-            input_positions=tuple(act_positions),
             outputs=tuple(output_vids),
-            output_spec=result_spec,
             output_leaves=output_leaves,
             pullback=pullback,
             spans=tuple(self.stack),
