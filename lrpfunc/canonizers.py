@@ -80,6 +80,7 @@ def _replay_fixed(record: Record, span: Span) -> Callable[[tuple[Tensor, ...], M
     """Replay of ``span`` as it is now (before it is merged), returning its single output."""
     nodes = [record.nodes[i] for i in span.nodes]
     inputs, params, (output,) = span.inputs, dict(span.params), span.outputs
+    tensors = record.tensors  # not the record: span.forward must not close a reference cycle through it
 
     def forward(values: tuple[Tensor, ...], new_params: Mapping[str, Tensor]) -> Tensor:
         env: dict[int, Tensor] = dict(zip(inputs, values))
@@ -87,7 +88,7 @@ def _replay_fixed(record: Record, span: Span) -> Callable[[tuple[Tensor, ...], M
             if local in params:
                 env[params[local]] = value
         for node in nodes:
-            node.bind_outputs(node.replay(env, record.tensors), env)
+            node.bind_outputs(node.replay(env, tensors), env)
         return env[output]
 
     return forward

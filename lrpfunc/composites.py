@@ -42,13 +42,22 @@ __all__ = [
 ZeroParams = str | Sequence[str] | None
 
 
+def _flatten_matchers(matchers: object) -> list[Matcher]:
+    """Nested tuples and lists of types (``(types.Linear, torch.nn.ReLU)``) flattened to one tuple."""
+    if isinstance(matchers, (tuple, list)):
+        return [leaf for item in matchers for leaf in _flatten_matchers(item)]
+    return [matchers]  # type: ignore[list-item]
+
+
 def _entries(where: str, entries: Entries) -> tuple[tuple[tuple[Matcher, ...], Rule], ...]:
     checked = []
     for entry in entries:
         if not (isinstance(entry, (tuple, list)) and len(entry) == 2):
             raise TypeError(f"{where}: each entry must be a pair (types, rule), got {entry!r}")
         matchers, rule = entry
-        matchers = tuple(matchers) if isinstance(matchers, (tuple, list)) else (matchers,)
+        matchers = tuple(_flatten_matchers(matchers))
+        if not matchers:
+            raise TypeError(f"{where}: entry with rule {rule!r} matches no type")
         if not callable(rule):
             raise TypeError(f"{where}: the rule of entry {matchers!r} must be callable, got {type(rule).__name__}")
         checked.append((matchers, rule))
