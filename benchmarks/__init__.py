@@ -1,0 +1,1 @@
+"""Benchmark harness of lrpfunc (see benchmarks/README.md); run ``python benchmarks/run.py``."""

@@ -1,0 +1,427 @@
+"""The measured things: one small context manager per (task, implementation).
+
+Each ``impl(setup, variant, peers)`` is a context manager that prepares everything that is *not* to be
+timed (its own deep copy of the model, registered hooks, a built attribution function) and yields a
+zero-argument callable that does exactly one measured unit of work and returns its result. Leaving
+the context undoes the preparation. An implementation that does not support a variant raises
+:class:`Unsupported` (shown in the table with its reason) or :class:`NotApplicable` (shown as "-").
+
+Tasks (``TASKS``):
+
+* ``first-order``: (output, relevance) for one batch and a one-hot ``grad_output``; variants are the
+  composites ``gradient`` (no rules), ``epsilon`` (epsilon on every conv/linear layer), ``epsilon_plus_flat``
+  and ``epsilon_gamma_box`` (low=-3, high=3). Floor: ``torch.autograd.grad`` of the input.
+* ``all-class``: relevance maps of K classes (variants 10, 100) for a single input. Floor:
+  ``torch.func.vmap`` over the pullback of ``torch.func.vjp``.
+* ``train-step``: gradient w.r.t. all parameters of a loss on the attribution (explanation-guided
+  training). Floor: double backprop of the plain input gradient.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+from typing import Any, Callable, ContextManager, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from benchmarks.peers import Peers
+
+
+class Unsupported(Exception):
+    """The implementation cannot compute this variant (the message says why)."""
+
+
+class NotApplicable(Exception):
+    """The cell makes no sense for this implementation (e.g. a peer's 'no rules' composite)."""
+
+
+COMPOSITES = ("gradient", "epsilon", "epsilon_plus_flat", "epsilon_gamma_box")
+LOW, HIGH = -3.0, 3.0
+
+
+@dataclasses.dataclass
+class Setup:
+    """One model configuration: the pristine model (never registered on) and its inputs."""
+
+    model_name: str
+    model: nn.Module
+    size: int
+    batch: int
+    x: Tensor  # (batch, 3, size, size), values in [LOW, HIGH]
+    targets: Tensor  # (batch,) class indices
+    grad_output: Tensor  # (batch, num_classes) one-hot of targets
+    mask: Tensor  # (1, 1, size, size): region whose relevance the training loss penalises
+
+    @property
+    def family(self) -> str:
+        return "resnet" if self.model_name.startswith("resnet") else "vgg"
+
+    @property
+    def has_batchnorm(self) -> bool:
+        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
+
+    @property
+    def num_classes(self) -> int:
+        return self.grad_output.shape[1]
+
+    @property
+    def label(self) -> str:
+        return f"{self.model_name} {self.size}px b{self.batch}"
+
+    def fresh_model(self) -> nn.Module:
+        return copy.deepcopy(self.model)
+
+    def single(self) -> Setup:
+        """The same configuration with batch size 1 (for per-input tasks)."""
+        return dataclasses.replace(
+            self, batch=1, x=self.x[:1], targets=self.targets[:1], grad_output=self.grad_output[:1]
+        )
+
+
+def make_setup(model_name: str, model: nn.Module, size: int, batch: int, device: torch.device,
+               seed: int = 0) -> Setup:
+    dtype = next(model.parameters()).dtype
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, size, size, generator=gen, dtype=dtype).clamp_(LOW, HIGH)
+    with torch.no_grad():
+        num_classes = model(x[:1].to(device)).shape[1]
+    targets = (torch.arange(batch) * 7 + 3) % num_classes
+    grad_output = nn.functional.one_hot(targets, num_classes).to(dtype)
+    mask = torch.ones(1, 1, size, size, dtype=dtype)
+    mask[..., size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 0.0  # penalise relevance off-centre
+    return Setup(model_name, model, size, batch, x.to(device), targets.to(device), grad_output.to(device),
+                 mask.to(device))
+
+
+def class_grad_outputs(setup: Setup, k: int) -> Tensor:
+    """One-hot grad_outputs of the first ``k`` classes for a single input: (k, 1, num_classes)."""
+    eye = torch.eye(setup.num_classes, device=setup.x.device, dtype=setup.x.dtype)
+    return eye[:k, None, :]
+
+
+def explanation_loss(relevance: Tensor, mask: Tensor) -> Tensor:
+    """A 'right for the right reasons'-style loss: squared relevance outside the allowed region."""
+    return (relevance.square() * mask).sum() / relevance.shape[0]
+
+
+def detached_params(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach() for k, v in model.named_parameters()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Composites and canonizers of each library, by variant name
+# --------------------------------------------------------------------------------------------------
+
+def lrpfunc_composite(lrpfunc: Any, name: str) -> Any:
+    if name == "gradient":
+        return None
+    if name == "epsilon":
+        # Zennit's layer map for the same name: layer_map_base (activations pass, residual sums and
+        # average pools norm, BatchNorm pass) and epsilon on every convolution and dense layer.
+        composites, rules, types = lrpfunc.composites, lrpfunc.rules, lrpfunc.types
+        return composites.layer_map([*composites.layer_map_base(), (types.Linear, rules.epsilon())])
+    if name == "epsilon_plus_flat":
+        return lrpfunc.composites.epsilon_plus_flat()
+    if name == "epsilon_gamma_box":
+        return lrpfunc.composites.epsilon_gamma_box(low=LOW, high=HIGH)
+    raise ValueError(name)
+
+
+def lrpfunc_canonizers(lrpfunc: Any, setup: Setup) -> tuple[Any, ...]:
+    """The same canonizers as :func:`zennit_canonizers` (``resnet()`` includes the BatchNorm merge)."""
+    if setup.family == "resnet":
+        return (lrpfunc.canonizers.resnet(),)
+    if setup.has_batchnorm:
+        return (lrpfunc.canonizers.merge_batchnorm(),)
+    return ()
+
+
+def zennit_canonizers(zennit: Any, setup: Setup) -> list[Any]:
+    if setup.family == "resnet":
+        return [zennit.torchvision.ResNetCanonizer()]
+    if setup.has_batchnorm:
+        return [zennit.torchvision.VGGCanonizer()]
+    return []
+
+
+def zennit_composite(zennit: Any, name: str, setup: Setup) -> Any:
+    composites, rules, types = zennit.composites, zennit.rules, zennit.types
+    canonizers = zennit_canonizers(zennit, setup)
+    if name == "gradient":
+        raise NotApplicable
+    if name == "epsilon":
+        # layer_map_base: Activation -> Pass, Sum (ResNet canonizer) -> Norm, AvgPool -> Norm,
+        # BatchNorm -> Pass; then Epsilon on every Linear-type (convolutions and nn.Linear).
+        return composites.LayerMapComposite(
+            layer_map=composites.layer_map_base() + [(types.Linear, rules.Epsilon())],
+            canonizers=canonizers,
+        )
+    if name == "epsilon_plus_flat":
+        return composites.EpsilonPlusFlat(canonizers=canonizers)
+    if name == "epsilon_gamma_box":
+        return composites.EpsilonGammaBox(low=LOW, high=HIGH, canonizers=canonizers)
+    raise ValueError(name)
+
+
+def _require(peers: Peers, name: str) -> Any:
+    module = {"lrpfunc": peers.lrpfunc, "zennit": peers.zennit, "captum": peers.captum_attr}[name]
+    if module is None:
+        raise Unsupported(f"{name} not available: {peers.why.get(name, '?')}")
+    return module
+
+
+def _input_gradient(model: nn.Module, x: Tensor, grad_output: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
+    x = x.detach().requires_grad_()
+    output = model(x)
+    (grad,) = torch.autograd.grad(output, x, grad_output, **kwargs)
+    return output, grad
+
+
+# --------------------------------------------------------------------------------------------------
+# first-order
+# --------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def first_plain(setup: Setup, variant: str, peers: Peers) -> Iterator[Callable[[], Any]]:
+    model = setup.fresh_model()
+    yield lambda: _input_gradient(model, setup.x, setup.grad_output)
+
+
+@contextlib.contextmanager
+def first_lrpfunc(setup: Setup, variant: str, peers: Peers) -> Iterator[Callable[[], Any]]:
+    lrpfunc = _require(peers, "lrpfunc")
+    model = setup.fresh_model()
+    fn = lrpfunc.attribute(model, lrpfunc_composite(lrpfunc, variant), canonizers=lrpfunc_canonizers(lrpfunc, setup))
+    params = detached_params(model)
+    yield lambda: fn(params, setup.x, setup.grad_output)
+
+
+@contextlib.contextmanager
+def first_zennit(setup: Setup, variant: str, peers: Peers) -> Iterator[Callable[[], Any]]:
+    zennit = _require(peers, "zennit")
+    model = setup.fresh_model()
+    composite = zennit_composite(zennit, variant, setup)
+    # Hooks and canonizers are registered once, outside the timed region (Zennit's steady state).
+    with composite.context(model) as modified:
+        yield lambda: _input_gradient(modified, setup.x, setup.grad_output)
+
+
+@contextlib.contextmanager
+def first_zennit_attributor(setup: Setup, variant: str, peers: Peers) -> Iterator[Callable[[], Any]]:
+    """``zennit.attribution.Gradient(model, composite)(x, grad_output)``: Zennit's attributor, which
+    registers the composite (canonizers and hooks) and removes it again on every call."""
+    zennit = _require(peers, "zennit")
+    model = setup.fresh_model()
+    attributor = zennit.attribution.Gradient(model, zennit_composite(zennit, variant, setup))
+    yield lambda: attributor(setup.x, setup.grad_output)
+
+
+@contextlib.contextmanager
+def first_captum(setup: Setup, variant: str, peers: Peers) -> Iterator[Callable[[], Any]]:
+    attr = _require(peers, "captum")
+    if variant == "gradient":
+        raise NotApplicable
+    if variant == "epsilon_plus_flat":
+        raise Unsupported("captum LRP has no Flat (or ZPlus) rule")
+    if variant == "epsilon_gamma_box":
+        raise Unsupported("captum LRP has no ZBox rule")
+    model = setup.fresh_model()
+    # Captum's default rules: EpsilonRule(1e-9) on Conv2d/Linear/BatchNorm2d/pooling, ReLU/Dropout passed.
+    lrp = attr.LRP(model)
+    targets = setup.targets.tolist()
+    yield lambda: lrp.attribute(setup.x.detach().requires_grad_(), target=targets)
+
+
+# --------------------------------------------------------------------------------------------------
+# all-class maps for one input
+# --------------------------------------------------------------------------------------------------
+
+ALL_CLASS_COMPOSITE = "epsilon_plus_flat"
+
+
+@contextlib.contextmanager
+def allclass_plain(setup: Setup, k: int, peers: Peers) -> Iterator[Callable[[], Any]]:
+    setup = setup.single()
+    model = setup.fresh_model()
+    params = detached_params(model)
+    grad_outputs = class_grad_outputs(setup, k)
+
+    def call() -> tuple[Tensor, Tensor]:
+        output, pullback = torch.func.vjp(lambda x: functional_call(model, params, (x,)), setup.x)
+        (maps,) = torch.func.vmap(pullback)(grad_outputs)
+        return output, maps
+
+    yield call
+
+
+@contextlib.contextmanager
+def allclass_lrpfunc(setup: Setup, k: int, peers: Peers) -> Iterator[Callable[[], Any]]:
+    lrpfunc = _require(peers, "lrpfunc")
+    setup = setup.single()
+    model = setup.fresh_model()
+    fn = lrpfunc.attribute(model, lrpfunc_composite(lrpfunc, ALL_CLASS_COMPOSITE),
+                           canonizers=lrpfunc_canonizers(lrpfunc, setup))
+    params = detached_params(model)
+    grad_outputs = class_grad_outputs(setup, k)
+    batched = torch.func.vmap(fn, in_dims=(None, None, 0))
+    yield lambda: batched(params, setup.x, grad_outputs)
+
+
+@contextlib.contextmanager
+def allclass_zennit_loop(setup: Setup, k: int, peers: Peers) -> Iterator[Callable[[], Any]]:
+    """One forward pass, then k backward passes through the hooked graph (retain_graph=True)."""
+    zennit = _require(peers, "zennit")
+    setup = setup.single()
+    model = setup.fresh_model()
+    grad_outputs = class_grad_outputs(setup, k)
+    composite = zennit_composite(zennit, ALL_CLASS_COMPOSITE, setup)
+
+    def call() -> tuple[Tensor, Tensor]:
+        x = setup.x.detach().requires_grad_()
+        output = model(x)
+        maps = [torch.autograd.grad(output, x, g, retain_graph=True)[0] for g in grad_outputs]
+        return output, torch.stack(maps)
+
+    with composite.context(model):
+        yield call
+
+
+@contextlib.contextmanager
+def allclass_zennit_batch(setup: Setup, k: int, peers: Peers) -> Iterator[Callable[[], Any]]:
+    """The input repeated k times along the batch, one forward and one backward pass."""
+    zennit = _require(peers, "zennit")
+    setup = setup.single()
+    model = setup.fresh_model()
+    grad_outputs = class_grad_outputs(setup, k)[:, 0]
+    x_k = setup.x.expand(k, *setup.x.shape[1:]).contiguous()
+    composite = zennit_composite(zennit, ALL_CLASS_COMPOSITE, setup)
+    with composite.context(model):
+        yield lambda: _input_gradient(model, x_k, grad_outputs)
+
+
+# --------------------------------------------------------------------------------------------------
+# explanation-guided training step
+# --------------------------------------------------------------------------------------------------
+
+TRAIN_COMPOSITE = "epsilon_plus_flat"
+
+
+@contextlib.contextmanager
+def train_plain(setup: Setup, variant: str, peers: Peers) -> Iterator[Callable[[], Any]]:
+    model = setup.fresh_model()
+    params = list(model.parameters())
+
+    def call() -> tuple[Tensor, ...]:
+        _, grad = _input_gradient(model, setup.x, setup.grad_output, create_graph=True)
+        return torch.autograd.grad(explanation_loss(grad, setup.mask), params, allow_unused=True)
+
+    yield call
+
+
+@contextlib.contextmanager
+def train_lrpfunc(setup: Setup, variant: str, peers: Peers) -> Iterator[Callable[[], Any]]:
+    lrpfunc = _require(peers, "lrpfunc")
+    model = setup.fresh_model()
+    fn = lrpfunc.attribute(model, lrpfunc_composite(lrpfunc, variant), canonizers=lrpfunc_canonizers(lrpfunc, setup))
+    params = detached_params(model)
+
+    def loss(p: dict[str, Tensor]) -> Tensor:
+        return explanation_loss(fn(p, setup.x, setup.grad_output)[1], setup.mask)
+
+    grad_fn = torch.func.grad(loss)
+    yield lambda: grad_fn(params)
+
+
+@contextlib.contextmanager
+def train_zennit(setup: Setup, variant: str, peers: Peers) -> Iterator[Callable[[], Any]]:
+    """Zennit's documented second-order recipe: create_graph=True, then the hooks made inactive.
+
+    The value is wrong for this purpose: rules and canonizers read ``param.data``, so the parameter
+    gradient does not see the rules' use of the parameters, and the merged BatchNorm is not differentiated.
+    """
+    zennit = _require(peers, "zennit")
+    model = setup.fresh_model()
+    params = list(model.parameters())
+    composite = zennit_composite(zennit, variant, setup)
+
+    def call() -> tuple[Tensor | None, ...]:
+        _, relevance = _input_gradient(model, setup.x, setup.grad_output, create_graph=True)
+        loss = explanation_loss(relevance, setup.mask)
+        with composite.inactive():
+            return torch.autograd.grad(loss, params, allow_unused=True)
+
+    with composite.context(model):
+        yield call
+
+
+# --------------------------------------------------------------------------------------------------
+# known wrong values (the timing is still shown, marked with this note)
+# --------------------------------------------------------------------------------------------------
+
+def value_note(task: str, impl: str, setup: Setup) -> str | None:
+    """Why an implementation's *value* is known to be wrong for this task and model, or None."""
+    if impl == "captum" and setup.family == "resnet":
+        return ("captum value wrong on ResNet (|R| ~1e12, relevance not conserved): the residual sum is "
+                "torchvision's in-place `out += identity`, which Captum's LRP does not see; with its "
+                "Addition_Module in the block's forward it agrees with Zennit's epsilon (checked)")
+    if task == "train-step" and impl.startswith("zennit"):
+        return ("zennit value wrong: rules and canonizers read param.data, so the parameter gradient "
+                "misses every path through the rules' modified parameters and the BatchNorm merge")
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# registry
+# --------------------------------------------------------------------------------------------------
+
+Impl = Callable[[Setup, Any, Peers], ContextManager[Callable[[], Any]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    name: str
+    title: str
+    floor: str  # the implementation every ratio is relative to
+    impls: dict[str, Impl]
+    variants: tuple[Any, ...]
+    per_input: bool = False  # measured once per (model, size) with batch 1
+    note: str = ""
+
+
+TASKS: dict[str, Task] = {
+    "first-order": Task(
+        "first-order",
+        "first-order attribution (output, relevance) of a batch",
+        floor="plain",
+        impls={"plain": first_plain, "lrpfunc": first_lrpfunc, "zennit": first_zennit,
+               "zennit-attributor": first_zennit_attributor, "captum": first_captum},
+        variants=COMPOSITES,
+        note="plain = torch.autograd.grad of the input; 'gradient' = lrpfunc with composite=None "
+             "(its tracing overhead); zennit = hooks registered once outside the timed region; "
+             "zennit-attributor = zennit.attribution.Gradient, which registers and removes the composite "
+             "on every call; captum re-attaches its rules and restores the state_dict on every call",
+    ),
+    "all-class": Task(
+        "all-class",
+        f"all-class maps for one input ({ALL_CLASS_COMPOSITE})",
+        floor="plain",
+        impls={"plain": allclass_plain, "lrpfunc": allclass_lrpfunc, "zennit-loop": allclass_zennit_loop,
+               "zennit-batch": allclass_zennit_batch},
+        variants=(10, 100),
+        per_input=True,
+        note="plain = vmap over torch.func.vjp's pullback; lrpfunc = vmap over grad_output; zennit-loop = "
+             "one forward, K backward passes (retain_graph); zennit-batch = input repeated K times",
+    ),
+    "train-step": Task(
+        "train-step",
+        f"explanation-guided training step: d loss(relevance) / d params ({TRAIN_COMPOSITE})",
+        floor="plain",
+        impls={"plain": train_plain, "lrpfunc": train_lrpfunc, "zennit": train_zennit},
+        variants=(TRAIN_COMPOSITE,),
+        note="plain = double backprop of the input gradient; lrpfunc = torch.func.grad of the loss; "
+             "zennit = its create_graph=True recipe, second pass with composite.inactive()",
+    ),
+}
