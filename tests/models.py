@@ -86,3 +86,14 @@ def build(name: str, state_dict: dict[str, torch.Tensor] | None = None) -> nn.Mo
     if state_dict is not None:
         model.load_state_dict(state_dict)
     return model
+
+
+def randomize_batchnorms(model: nn.Module) -> None:
+    """Give every BatchNorm2d non-trivial statistics and affine parameters, so merging them is tested."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+                module.running_mean.uniform_(-0.3, 0.3)
+                module.running_var.uniform_(0.5, 2.0)

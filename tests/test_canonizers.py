@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import pytest
@@ -13,28 +12,9 @@ from torch.autograd import gradcheck, gradgradcheck
 
 import lrpfunc
 from lrpfunc import canonizers, composites, rules, types
-from models import TinyResNet
+from models import TinyResNet, randomize_batchnorms
 
 D = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Tiny float64 tensors: intra-op parallelism only adds overhead (and stalls on a loaded machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def _randomize_batchnorms(model: nn.Module) -> None:
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.5, 0.5)
-                module.running_mean.uniform_(-0.3, 0.3)
-                module.running_var.uniform_(0.5, 2.0)
 
 
 def _state(model: nn.Module) -> dict:
@@ -73,7 +53,7 @@ def _conv_bn_net(conv_bias: bool = True) -> nn.Sequential:
         nn.Flatten(),
         nn.Linear(2 * 3 * 3, 4),
     ).to(D).eval()
-    _randomize_batchnorms(model)
+    randomize_batchnorms(model)
     return model
 
 
@@ -155,7 +135,7 @@ def test_merge_batchnorm_gradients_reach_conv_and_batchnorm_parameters() -> None
 def _tiny_conv_bn(seed: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Conv2d(1, 2, 2), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(8, 2)).to(D).eval()
-    _randomize_batchnorms(model)
+    randomize_batchnorms(model)
     return model, torch.randn(1, 1, 3, 3, dtype=D), torch.randn(1, 2, dtype=D)
 
 
@@ -267,7 +247,7 @@ def test_merge_batchnorm_leaves_unmergeable_batchnorms_alone() -> None:
             return self.bn_after_relu(self.relu(out))
 
     model = Net().to(D).eval()
-    _randomize_batchnorms(model)
+    randomize_batchnorms(model)
     x = torch.randn(1, 1, 4, 4, dtype=D)
     table = lrpfunc.rule_table(model, composites.epsilon_plus(), x, canonizers.merge_batchnorm())
     assert repr(table.rule_of("bn_shared")) == "passthrough"
@@ -374,7 +354,7 @@ def test_resnet_does_not_label_other_additions(how: str) -> None:
 
 def test_resnet_leaves_the_module_alone() -> None:
     model = TinyResNet().to(D).eval()
-    _randomize_batchnorms(model)
+    randomize_batchnorms(model)
     before = _state(model)
     x = torch.randn(2, 3, 8, 8, dtype=D)
     output, _ = lrpfunc.attribute(model, composites.epsilon_plus(), canonizers.resnet())(
@@ -467,7 +447,7 @@ def test_softplus_gives_nonzero_second_derivatives() -> None:
 
 def test_softplus_composes_with_a_composite_and_other_canonizers() -> None:
     model = TinyResNet().to(D).eval()
-    _randomize_batchnorms(model)
+    randomize_batchnorms(model)
     x = torch.randn(1, 3, 8, 8, dtype=D)
     fn = lrpfunc.attribute(model, composites.epsilon_plus(), (canonizers.softplus(5.0), canonizers.resnet()))
     params = dict(model.named_parameters())

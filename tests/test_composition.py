@@ -15,7 +15,7 @@ from torch.func import grad, hessian, jacfwd, jacrev, vmap
 
 import lrpfunc
 from lrpfunc import canonizers, composites, rules, types
-from models import TinyResNet, cnn, mlp
+from models import TinyResNet, cnn, mlp, randomize_batchnorms
 
 with warnings.catch_warnings():
     # torch scripts its forward-mode decompositions when jacfwd/jvp is first used and warns that
@@ -25,15 +25,6 @@ with warnings.catch_warnings():
 
 D = torch.float64
 TIGHT = {"rtol": 1e-10, "atol": 1e-12}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Tiny float64 tensors: intra-op parallelism only adds overhead (and stalls on a loaded machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @dataclass
@@ -50,16 +41,6 @@ class Setup:
         return self.grad_output.shape[1]
 
 
-def _randomize_batchnorms(model: nn.Module) -> None:
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.5, 0.5)
-                module.running_mean.uniform_(-0.3, 0.3)
-                module.running_var.uniform_(0.5, 2.0)
-
-
 def _mlp() -> Setup:
     torch.manual_seed(10)
     model = mlp().to(D).eval()
@@ -72,7 +53,7 @@ def _mlp() -> Setup:
 def _cnn() -> Setup:
     torch.manual_seed(11)
     model = cnn().to(D).eval()
-    _randomize_batchnorms(model)
+    randomize_batchnorms(model)
     fn = lrpfunc.attribute(model, composites.epsilon_plus_flat(), canonizers.merge_batchnorm())
     x = torch.randn(3, 3, 4, 4, dtype=D)
     return Setup(model, fn, dict(model.named_parameters()), x, torch.randn(3, 5, dtype=D), torch.randn_like(x))
@@ -81,7 +62,7 @@ def _cnn() -> Setup:
 def _resnet() -> Setup:
     torch.manual_seed(12)
     model = TinyResNet().to(D).eval()
-    _randomize_batchnorms(model)
+    randomize_batchnorms(model)
     fn = lrpfunc.attribute(model, composites.epsilon_plus(), canonizers.resnet())
     x = torch.randn(3, 3, 4, 4, dtype=D)
     return Setup(model, fn, dict(model.named_parameters()), x, torch.randn(3, 5, dtype=D), torch.randn_like(x))

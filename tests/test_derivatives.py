@@ -17,19 +17,10 @@ from torch.autograd import gradcheck, gradgradcheck
 
 import lrpfunc
 from lrpfunc import ParamMod, canonizers, composites, rules, types
-from models import TinyResNet
+from models import TinyResNet, randomize_batchnorms
 
 D = torch.float64
 MARGIN = 1e-4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Tiny float64 tensors: intra-op parallelism only adds overhead (and stalls on a loaded machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def basic_one() -> lrpfunc.rules.BasicRule:
@@ -133,20 +124,10 @@ class SmallResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(self.block(x)), 1))
 
 
-def _randomize_batchnorms(model: nn.Module) -> None:
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.5, 0.5)
-                module.running_mean.uniform_(-0.3, 0.3)
-                module.running_var.uniform_(0.5, 2.0)
-
-
 def _residual_net(seed: int) -> tuple:
     torch.manual_seed(seed)
     model = SmallResNet().to(D).eval()
-    _randomize_batchnorms(model)
+    randomize_batchnorms(model)
     return model, torch.randn(1, 2, 4, 4, dtype=D), torch.randn(1, 2, dtype=D)
 
 
@@ -235,7 +216,7 @@ def test_tiny_resnet_gradcheck_wrt_input() -> None:
     def build(seed: int) -> tuple:
         torch.manual_seed(seed)
         model = TinyResNet().to(D).eval()
-        _randomize_batchnorms(model)
+        randomize_batchnorms(model)
         return model, torch.randn(1, 3, 4, 4, dtype=D), torch.randn(1, 5, dtype=D)
 
     model, x, grad_output = _first_seed_with_margin(build, params=False)

@@ -14,7 +14,7 @@ from torch.nn.modules import module as module_globals
 
 import lrpfunc
 from lrpfunc import canonizers, composites, rules, types
-from models import TinyResNet, cnn
+from models import TinyResNet, cnn, randomize_batchnorms
 
 D = torch.float64
 
@@ -45,29 +45,10 @@ MODULE_HOOK_DICTS = (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Tiny float64 tensors: intra-op parallelism only adds overhead (and stalls on a loaded machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def _randomize_batchnorms(model: nn.Module) -> None:
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.5, 0.5)
-                module.running_mean.uniform_(-0.3, 0.3)
-                module.running_var.uniform_(0.5, 2.0)
-
-
 def _resnet() -> nn.Module:
     torch.manual_seed(0)
     model = TinyResNet().to(D).eval()
-    _randomize_batchnorms(model)
+    randomize_batchnorms(model)
     return model
 
 

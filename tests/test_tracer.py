@@ -10,18 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import lrpfunc
-from lrpfunc import composites, rules, types
+from lrpfunc import composites, rules
 
 D = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Tiny float64 tensors: intra-op parallelism only adds overhead (and stalls on a loaded machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _params(model: nn.Module) -> dict:
