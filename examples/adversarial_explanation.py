@@ -40,46 +40,15 @@ from torch import nn
 import lrpfunc
 from lrpfunc import canonizers, composites
 from lrpfunc.image import heatmap
-
-CLASSES = 3
-
-
-def make_shapes(n: int, generator: torch.Generator, size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Images (n, 3, 32, 32) of a horizontal bar (0), vertical bar (1) or square (2) in noise, labels, masks."""
-    labels = torch.randint(0, CLASSES, (n,), generator=generator)
-    images = 0.3 * torch.randn(n, 3, size, size, generator=generator)
-    masks = torch.zeros(n, size, size, dtype=torch.bool)
-    for i, label in enumerate(labels.tolist()):
-        if label == 2:
-            height = width = int(torch.randint(7, 11, (1,), generator=generator))
-        else:
-            length = int(torch.randint(14, 22, (1,), generator=generator))
-            height, width = (3, length) if label == 0 else (length, 3)
-        top = int(torch.randint(0, size - height + 1, (1,), generator=generator))
-        left = int(torch.randint(0, size - width + 1, (1,), generator=generator))
-        masks[i, top:top + height, left:left + width] = True
-    images = images + masks[:, None] * (0.8 + 0.8 * torch.rand(n, 3, 1, 1, generator=generator))
-    return images, labels, masks
-
+from shapes import CLASSES, make_shapes, train
 
 def make_model() -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, CLASSES),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, len(CLASSES)),
     )
-
-
-def train(model: nn.Module, steps: int, generator: torch.Generator) -> nn.Module:
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(steps):
-        x, y, _ = make_shapes(64, generator)
-        loss = nn.functional.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
 
 
 def explanation(fn, params, x: torch.Tensor, grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,7 +90,8 @@ def main(argv: list[str] | None = None, *, fast: bool = False) -> dict:
 
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
-    model = train(make_model(), 120 if fast else 300, generator)
+    model = make_model()
+    train(model, 120 if fast else 300, generator)
     params = {name: p.detach() for name, p in model.named_parameters()}  # the model is fixed
 
     images, _, masks = make_shapes(32, generator)
@@ -130,7 +100,7 @@ def main(argv: list[str] | None = None, *, fast: bool = False) -> dict:
     low, high = float(images.min()), float(images.max())
     with torch.no_grad():
         predicted = model(source).argmax(1)
-    grad_output = torch.eye(CLASSES)[predicted]
+    grad_output = torch.eye(len(CLASSES))[predicted]
 
     composite = composites.epsilon_plus_flat()
     relu = lrpfunc.attribute(model, composite)  # the real explanation

@@ -39,6 +39,7 @@ from torch import nn
 import lrpfunc
 from lrpfunc import canonizers
 from lrpfunc.image import heatmap
+from shapes import make_shapes, train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,24 +54,6 @@ class SoftplusReLU(lrpfunc.canonizers.Canonizer):
             # same arguments as the ReLU (``inplace`` included), which the softplus ignores
             return lambda input, *args, **kwargs: F.softplus(input, beta=beta)
         return None
-
-
-def make_shapes(n: int, generator: torch.Generator, size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Images (n, 3, 32, 32) of a horizontal bar (0), vertical bar (1) or square (2) in noise, labels, masks."""
-    labels = torch.randint(0, 3, (n,), generator=generator)
-    images = 0.3 * torch.randn(n, 3, size, size, generator=generator)
-    masks = torch.zeros(n, 1, size, size)
-    for i, label in enumerate(labels.tolist()):
-        if label == 2:
-            height = width = int(torch.randint(7, 11, (1,), generator=generator))
-        else:
-            length = int(torch.randint(14, 22, (1,), generator=generator))
-            height, width = (3, length) if label == 0 else (length, 3)
-        top = int(torch.randint(0, size - height + 1, (1,), generator=generator))
-        left = int(torch.randint(0, size - width + 1, (1,), generator=generator))
-        masks[i, :, top:top + height, left:left + width] = 1.0
-    images = images + masks * (0.8 + 0.8 * torch.rand(n, 3, 1, 1, generator=generator))
-    return images, labels, masks
 
 
 def vgg_like() -> nn.Module:
@@ -96,17 +79,11 @@ def main(argv: list[str] | None = None, *, fast: bool = False) -> dict:
     generator = torch.Generator().manual_seed(args.seed)
 
     model = vgg_like()
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    for _ in range(60 if fast else 200):
-        images, labels, _ = make_shapes(64, generator)
-        loss = nn.functional.cross_entropy(model(images), labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model = model.eval().double()  # float64 for the finite-difference check
+    train(model, 60 if fast else 200, generator, lr=2e-3)
+    model = model.double()  # float64 for the finite-difference check
     params = {name: p.detach() for name, p in model.named_parameters()}
     x, labels, masks = make_shapes(4, generator)
-    x, masks = x.double(), masks.double()
+    x, masks = x.double(), masks[:, None].double()
     grad_output = torch.eye(3, dtype=x.dtype)[labels]
 
     explain = {

@@ -30,6 +30,7 @@ from torch import nn
 import lrpfunc
 from lrpfunc import composites, rules, types
 from lrpfunc.image import heatmap
+from shapes import make_shapes, train
 
 
 def zplus_relu(stabilizer: float = 1e-6, names: tuple[str, ...] = ("weight",)) -> lrpfunc.rules.BasicRule:
@@ -66,22 +67,6 @@ def closed_form(mlp: nn.Sequential, x: torch.Tensor, grad_output: torch.Tensor, 
         s = relevance / (z + torch.where(z >= 0, eps, -eps))
         relevance = a * (s @ positive)
     return relevance
-
-
-def make_shapes(n: int, generator: torch.Generator, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (n, 3, 32, 32) of a horizontal bar (0), vertical bar (1) or square (2) in noise, and labels."""
-    labels = torch.randint(0, 3, (n,), generator=generator)
-    images = 0.3 * torch.randn(n, 3, size, size, generator=generator)
-    for i, label in enumerate(labels.tolist()):
-        if label == 2:
-            height = width = int(torch.randint(7, 11, (1,), generator=generator))
-        else:
-            length = int(torch.randint(14, 22, (1,), generator=generator))
-            height, width = (3, length) if label == 0 else (length, 3)
-        top = int(torch.randint(0, size - height + 1, (1,), generator=generator))
-        left = int(torch.randint(0, size - width + 1, (1,), generator=generator))
-        images[i, :, top:top + height, left:left + width] += 0.8 + 0.8 * torch.rand(3, 1, 1, generator=generator)
-    return images, labels
 
 
 def main(argv: list[str] | None = None, *, fast: bool = False) -> dict:
@@ -126,16 +111,9 @@ def main(argv: list[str] | None = None, *, fast: bool = False) -> dict:
         nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 3),
     )
-    optimizer = torch.optim.Adam(cnn.parameters(), lr=3e-3)
-    for _ in range(60 if fast else 200):
-        images, labels = make_shapes(64, generator)
-        loss = nn.functional.cross_entropy(cnn(images), labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    cnn.eval()
+    train(cnn, 60 if fast else 200, generator)
     params = {name: p.detach() for name, p in cnn.named_parameters()}
-    images, labels = make_shapes(4, generator)
+    images, labels, _ = make_shapes(4, generator)
     target = torch.eye(3)[labels]
     maps = [lrpfunc.attribute(cnn, c)(params, images, target)[1] for c in (composite, composites.epsilon_plus_flat())]
     cell, padding = 128, 2

@@ -33,25 +33,7 @@ from torch import nn
 import lrpfunc
 from lrpfunc import canonizers, composites
 from lrpfunc.image import heatmap
-
-CLASSES = ("horizontal bar", "vertical bar", "square")
-
-
-def make_shapes(n: int, generator: torch.Generator, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (n, 3, 32, 32) of a horizontal bar (0), vertical bar (1) or square (2) in noise, and labels."""
-    labels = torch.randint(0, len(CLASSES), (n,), generator=generator)
-    images = 0.3 * torch.randn(n, 3, size, size, generator=generator)
-    for i, label in enumerate(labels.tolist()):
-        if label == 2:
-            height = width = int(torch.randint(7, 11, (1,), generator=generator))
-        else:
-            length = int(torch.randint(14, 22, (1,), generator=generator))
-            height, width = (3, length) if label == 0 else (length, 3)
-        top = int(torch.randint(0, size - height + 1, (1,), generator=generator))
-        left = int(torch.randint(0, size - width + 1, (1,), generator=generator))
-        images[i, :, top:top + height, left:left + width] += 0.8 + 0.8 * torch.rand(3, 1, 1, generator=generator)
-    return images, labels
-
+from shapes import CLASSES, make_shapes, train
 
 def make_model() -> nn.Module:
     return nn.Sequential(
@@ -60,17 +42,6 @@ def make_model() -> nn.Module:
         nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, len(CLASSES)),
     )
-
-
-def train(model: nn.Module, steps: int, generator: torch.Generator) -> nn.Module:
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(steps):
-        x, y = make_shapes(64, generator)
-        loss = nn.functional.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
 
 
 def relative(value: torch.Tensor, reference: torch.Tensor) -> float:
@@ -90,9 +61,11 @@ def main(argv: list[str] | None = None, *, fast: bool = False) -> dict:
 
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
-    model = train(make_model(), 60 if fast else 200, generator).double()  # float64: exact comparisons
+    model = make_model()
+    train(model, 60 if fast else 200, generator)
+    model = model.double()  # float64: exact comparisons
     params = {name: p.detach() for name, p in model.named_parameters()}
-    x, _ = make_shapes(args.samples, generator)
+    x, _, _ = make_shapes(args.samples, generator)
     x = x.double()
     n, k = len(x), len(CLASSES)
     eye = torch.eye(k, dtype=x.dtype)

@@ -28,28 +28,7 @@ from torch import nn
 import lrpfunc
 from lrpfunc import canonizers, composites
 from lrpfunc.image import heatmap
-
-CLASSES = ("horizontal bar", "vertical bar", "square")
-
-
-def make_shapes(n: int, generator: torch.Generator, size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``n`` images (n, 3, size, size), their labels (n,) and the object masks (n, size, size)."""
-    labels = torch.randint(0, len(CLASSES), (n,), generator=generator)
-    images = 0.3 * torch.randn(n, 3, size, size, generator=generator)
-    masks = torch.zeros(n, size, size, dtype=torch.bool)
-    for i, label in enumerate(labels.tolist()):
-        if label == 2:
-            height = width = int(torch.randint(7, 11, (1,), generator=generator))
-        else:
-            length = int(torch.randint(14, 22, (1,), generator=generator))
-            height, width = (3, length) if label == 0 else (length, 3)
-        top = int(torch.randint(0, size - height + 1, (1,), generator=generator))
-        left = int(torch.randint(0, size - width + 1, (1,), generator=generator))
-        masks[i, top:top + height, left:left + width] = True
-    colors = 0.8 + 0.8 * torch.rand(n, 3, 1, 1, generator=generator)  # a random bright colour per image
-    images = images + masks[:, None] * colors
-    return images, labels, masks
-
+from shapes import CLASSES, make_shapes, train
 
 def make_model() -> nn.Module:
     return nn.Sequential(
@@ -58,21 +37,6 @@ def make_model() -> nn.Module:
         nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, len(CLASSES)),
     )
-
-
-def train(model: nn.Module, steps: int, generator: torch.Generator, batch_size: int = 64) -> float:
-    """Plain supervised training on fresh synthetic batches; returns the last loss."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    loss = torch.tensor(float("nan"))
-    for _ in range(steps):
-        x, y, _ = make_shapes(batch_size, generator)
-        loss = nn.functional.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    return loss.item()
 
 
 def to_image(x: torch.Tensor) -> Image.Image:

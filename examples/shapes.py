@@ -1,0 +1,45 @@
+"""The synthetic task the examples share: a horizontal bar, a vertical bar or a square on noise.
+
+Not an example itself: ``quickstart.py`` and the others import it (they run from this folder).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+CLASSES = ("horizontal bar", "vertical bar", "square")
+
+
+def make_shapes(n: int, generator: torch.Generator, size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``n`` images (n, 3, size, size), their labels (n,) and the object masks (n, size, size), bool."""
+    labels = torch.randint(0, len(CLASSES), (n,), generator=generator)
+    images = 0.3 * torch.randn(n, 3, size, size, generator=generator)
+    masks = torch.zeros(n, size, size, dtype=torch.bool)
+    for i, label in enumerate(labels.tolist()):
+        if label == 2:
+            height = width = int(torch.randint(7, 11, (1,), generator=generator))
+        else:
+            length = int(torch.randint(14, 22, (1,), generator=generator))
+            height, width = (3, length) if label == 0 else (length, 3)
+        top = int(torch.randint(0, size - height + 1, (1,), generator=generator))
+        left = int(torch.randint(0, size - width + 1, (1,), generator=generator))
+        masks[i, top:top + height, left:left + width] = True
+    colors = 0.8 + 0.8 * torch.rand(n, 3, 1, 1, generator=generator)  # a random bright colour per image
+    images = images + masks[:, None] * colors
+    return images, labels, masks
+
+
+def train(model: nn.Module, steps: int, generator: torch.Generator, *, batch_size: int = 64, lr: float = 3e-3) -> float:
+    """Plain supervised training with Adam on fresh batches; leaves ``model`` in eval mode, returns the last loss."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        x, y, _ = make_shapes(batch_size, generator)
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    return loss.item()
