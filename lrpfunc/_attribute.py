@@ -67,6 +67,24 @@ def _check_tensors(where: str, what: str, tree: Any) -> None:
             raise TypeError(f"{where}: {location} must be a tensor (or a pytree of tensors), got {type(leaf).__name__}")
 
 
+def check_grad_output(where: str, output: Any, grad_output: Any) -> list[Tensor]:
+    """The leaves of ``grad_output``, checked to have the structure and shapes of the model's ``output``."""
+    output_leaves, output_spec = optree.tree_flatten(output, none_is_leaf=True)
+    grad_leaves, grad_spec = optree.tree_flatten(grad_output, none_is_leaf=True)
+    if grad_spec != output_spec:
+        raise ValueError(
+            f"{where}: grad_output must have the structure of the model's output ({output_spec}), got {grad_spec}"
+        )
+    for index, (out, grad) in enumerate(zip(output_leaves, grad_leaves)):
+        if not isinstance(grad, Tensor) or grad.shape != out.shape:
+            got = tuple(grad.shape) if isinstance(grad, Tensor) else type(grad).__name__
+            leaf = f" (output leaf {index})" if len(output_leaves) > 1 else ""
+            raise ValueError(
+                f"{where}: grad_output{leaf} must have the output's shape {tuple(out.shape)}, got {got}"
+            )
+    return grad_leaves
+
+
 def _resolve(record: Record, composite: Composite | None) -> tuple[list[CallSite], list[Rule | None]]:
     sites = call_sites(record)
     if composite is None:
@@ -104,27 +122,14 @@ def _run(
     param_relevance: dict[str, Tensor] | None,
 ) -> tuple[Any, Any]:
     record = _record(where, model, canonizers, params, x)
-    output_leaves, output_spec = optree.tree_flatten(record.output, none_is_leaf=True)
-    grad_leaves, grad_spec = optree.tree_flatten(grad_output, none_is_leaf=True)
-    if grad_spec != output_spec:
-        raise ValueError(
-            f"{where}: grad_output must have the structure of the model's output ({output_spec}), got {grad_spec}"
-        )
-    for index, (out, grad) in enumerate(zip(output_leaves, grad_leaves)):
-        if not isinstance(grad, Tensor) or grad.shape != out.shape:
-            got = tuple(grad.shape) if isinstance(grad, Tensor) else type(grad).__name__
-            leaf = f" (output leaf {index})" if len(output_leaves) > 1 else ""
-            raise ValueError(
-                f"{where}: grad_output{leaf} must have the output's shape {tuple(out.shape)}, got {got}"
-            )
+    grad_leaves = check_grad_output(where, record.output, grad_output)
     sites, rules = _resolve(record, composite)
     span_rules = {site.index: rule for site, rule in zip(sites, rules) if rule is not None and site.kind == "module"}
     op_rules = {site.index: rule for site, rule in zip(sites, rules) if rule is not None and site.kind == "op"}
     seeds: dict[int, Tensor] = {}
-    for out, grad in zip(output_leaves, grad_leaves):
-        entry = _value_id(record, out)
-        if entry is not None:
-            seeds[entry] = seeds[entry] + grad if entry in seeds else grad
+    for vid, grad in zip(record.output_ids, grad_leaves):
+        if vid is not None and vid in record.activations:
+            seeds[vid] = seeds[vid] + grad if vid in seeds else grad
     cotangents = sweep(
         record,
         plan(record, span_rules, op_rules),
@@ -138,13 +143,6 @@ def _run(
         for vid, leaf in zip(record.input_ids, x_leaves)
     ]
     return record.output, optree.tree_unflatten(x_spec, relevance)
-
-
-def _value_id(record: Record, tensor: Tensor) -> int | None:
-    for vid in reversed(range(len(record.tensors))):
-        if record.tensors[vid] is tensor:
-            return vid if vid in record.activations else None
-    return None
 
 
 def attribute(

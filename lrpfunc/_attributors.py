@@ -22,8 +22,9 @@ from typing import Any
 import optree
 import torch
 
-from ._attribute import _check_params, _check_setup, attribute
+from ._attribute import _check_params, _check_setup, attribute, check_grad_output
 from ._composite import Composite
+from ._tracer import evaluate
 from .canonizers import Canonizer
 
 Tensor = torch.Tensor
@@ -75,20 +76,26 @@ def _last(tree: Any) -> Any:
     return optree.tree_map(lambda leaf: leaf[-1], tree, none_is_leaf=True)
 
 
+def _check_baseline_type(where: str, baseline: Baseline) -> None:
+    if isinstance(baseline, bool) or not (
+        baseline is None or callable(baseline) or isinstance(baseline, (numbers.Real, Tensor))
+    ):
+        raise TypeError(
+            f"{where}: baseline must be None (zeros), a number, a tensor broadcastable to x or a function "
+            f"x -> tensor, got {type(baseline).__name__}"
+        )
+
+
 def _baseline(where: str, baseline: Baseline, x: Tensor) -> Tensor:
+    """``baseline`` (checked by :func:`_check_baseline_type`) as a tensor of ``x``'s shape."""
     if baseline is None:
         return torch.zeros_like(x)
     if callable(baseline) and not isinstance(baseline, Tensor):
         value = baseline(x)
         if not isinstance(value, Tensor):
             raise TypeError(f"{where}: baseline(x) must return a tensor, got {type(value).__name__}")
-    elif isinstance(baseline, (numbers.Real, Tensor)) and not isinstance(baseline, bool):
-        value = baseline if isinstance(baseline, Tensor) else torch.tensor(float(baseline), dtype=x.dtype)
     else:
-        raise TypeError(
-            f"{where}: baseline must be None (zeros), a number, a tensor broadcastable to x or a function "
-            f"x -> tensor, got {type(baseline).__name__}"
-        )
+        value = baseline if isinstance(baseline, Tensor) else torch.tensor(float(baseline), dtype=x.dtype)
     try:
         shape = torch.broadcast_shapes(value.shape, x.shape)
     except RuntimeError:
@@ -145,13 +152,7 @@ def integrated_gradients(
     canonizers = _check_setup(where, model, composite, canonizers)
     n_iter = _positive_int(where, "n_iter", n_iter)
     chunk_size = _check_chunk_size(where, chunk_size)
-    if not (baseline is None or callable(baseline) or isinstance(baseline, (numbers.Real, Tensor))) or isinstance(
-        baseline, bool
-    ):
-        raise TypeError(
-            f"{where}: baseline must be None (zeros), a number, a tensor broadcastable to x or a function "
-            f"x -> tensor, got {type(baseline).__name__}"
-        )
+    _check_baseline_type(where, baseline)
     gradient = _over_points(attribute(model, composite, canonizers), vectorize, chunk_size)
 
     def attribution(params: Mapping[str, Tensor], x: Tensor, grad_output: Any) -> tuple[Any, Tensor]:
@@ -286,21 +287,12 @@ def _default_occlusion(x: Tensor, mask: Tensor) -> Tensor:
 
 
 def _check_grad_output(where: str, output: Any, grad_output: Any, batch: int) -> list[Tensor]:
-    """The leaves of ``grad_output``, checked against the model's output."""
-    out_leaves, out_spec = optree.tree_flatten(output, none_is_leaf=True)
-    grad_leaves, grad_spec = optree.tree_flatten(grad_output, none_is_leaf=True)
-    if grad_spec != out_spec:
-        raise ValueError(
-            f"{where}: grad_output must have the structure of the model's output ({out_spec}), got {grad_spec}"
-        )
-    for out, grad in zip(out_leaves, grad_leaves):
+    """The leaves of ``grad_output``, checked against the model's output, which must keep x's batch size."""
+    for out in optree.tree_leaves(output, none_is_leaf=True):
         if not isinstance(out, Tensor) or out.ndim < 1 or out.shape[0] != batch:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(f"{where}: the model's output must keep x's batch dimension {batch}, got {got}")
-        if not isinstance(grad, Tensor) or grad.shape != out.shape:
-            got = tuple(grad.shape) if isinstance(grad, Tensor) else type(grad).__name__
-            raise ValueError(f"{where}: grad_output must have the output's shape {tuple(out.shape)}, got {got}")
-    return grad_leaves
+    return check_grad_output(where, output, grad_output)
 
 
 def _window_masks(x: Tensor, windows: tuple[int, ...], strides: tuple[int, ...]) -> Iterator[Tensor]:
@@ -340,7 +332,7 @@ def occlusion(
         ``output`` is ``model(x)``. The attribution is differentiable w.r.t. ``params`` and ``x``.
 
     Args:
-        model: Any ``torch.nn.Module``, evaluated with ``torch.func.functional_call``.
+        model: Any ``torch.nn.Module``; its parameters are substituted, never written.
         window: An int is the window size in every non-batch dimension, clipped to its size (so an
             image's channel dimension is covered whole); a tuple gives the sizes of the last
             ``len(window)`` dimensions, the others are covered whole.
@@ -364,7 +356,7 @@ def occlusion(
         )
 
     def run(params: Mapping[str, Tensor], x: Tensor) -> Any:
-        return torch.func.functional_call(model, dict(params), (x,))
+        return evaluate(model, params, x)
 
     def attribution(params: Mapping[str, Tensor], x: Tensor, grad_output: Any) -> tuple[Any, Tensor]:
         _check_params(where, model, params)

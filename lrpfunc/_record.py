@@ -145,6 +145,7 @@ class Record:
         activations: Ids of the values that depend on the input.
         param_names: Value id of each parameter or buffer to its qualified name.
         input_ids: Value ids of the input leaves.
+        output_ids: Value id of each output leaf (``None`` for a leaf that is no recorded tensor).
         output: The model's output as returned to the caller.
         params_override: Effective parameters of spans rewritten by canonizers, by span id.
     """
@@ -156,6 +157,7 @@ class Record:
     param_names: dict[int, str]
     input_ids: list[int]
     output: Any
+    output_ids: list[int | None]
     params_override: dict[int, Mapping[str, torch.Tensor]] = field(default_factory=dict)
 
     def consumers(self) -> dict[int, list[int]]:

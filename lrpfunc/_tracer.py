@@ -146,6 +146,57 @@ def _out_of_place(func: Callable[..., Any], kwargs: dict[str, Any]) -> tuple[Cal
     return func, False, False
 
 
+def model_tensors(model: torch.nn.Module, params: Mapping[str, Tensor]) -> list[tuple[str, Tensor, Tensor]]:
+    """``(name, module's tensor, tensor to use)`` for every parameter and buffer of ``model``: the caller's
+    tensor under any of the tensor's (tied) names, else the module's own."""
+    names_of: dict[int, tuple[Tensor, list[str]]] = {}
+    for name, tensor in (
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ):
+        names_of.setdefault(id(tensor), (tensor, []))[1].append(name)
+    result = []
+    for tensor, names in names_of.values():
+        given = {id(params[name]): (name, params[name]) for name in names if name in params}
+        if len(given) > 1:
+            raise ValueError(
+                f"params gives different tensors for the tied names {', '.join(repr(n) for n in names)}, "
+                f"which are one tensor in the model; give one of them"
+            )
+        name, value = next(iter(given.values()), (names[0], tensor))
+        result.append((name, tensor, value))
+    return result
+
+
+class Substitution(TorchFunctionMode):
+    """Runs a forward pass with the caller's parameters in place of the module's, without recording and
+    without writing to the module (what ``torch.func.functional_call`` does by swapping attributes)."""
+
+    def __init__(self, model: torch.nn.Module, params: Mapping[str, Tensor]) -> None:
+        super().__init__()
+        self.substitute = {id(tensor): value for _, tensor, value in model_tensors(model, params) if value is not tensor}
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> Any:
+        substitute = self.substitute
+        leaves, spec = optree.tree_flatten((tuple(args), dict(kwargs or {})), none_is_leaf=True)
+        if any(isinstance(leaf, Tensor) and id(leaf) in substitute for leaf in leaves):
+            leaves = [substitute.get(id(leaf), leaf) if isinstance(leaf, Tensor) else leaf for leaf in leaves]
+            args, kwargs = optree.tree_unflatten(spec, leaves)
+        return func(*args, **(kwargs or {}))
+
+
+def evaluate(model: torch.nn.Module, params: Mapping[str, Tensor], x: Any) -> Any:
+    """``model(x)`` with ``params``; thread-safe, never touches the module."""
+    with Substitution(model, params):
+        return call_model(model, x)
+
+
 def _without_running_stat_updates(func: Callable[..., Any]) -> Callable[..., Any]:
     """``F.batch_norm``/``F.instance_norm`` that update clones of the running statistics, not the module's."""
     signature = inspect.signature(func)
@@ -196,20 +247,7 @@ class Tracer(TorchFunctionMode):
         self.grad_enabled = torch.is_grad_enabled()
         self.view_base: dict[int, int] = {}
         self.stale: dict[int, str] = {}
-        names_of: dict[int, tuple[Tensor, list[str]]] = {}
-        for name, tensor in (
-            *model.named_parameters(remove_duplicate=False),
-            *model.named_buffers(remove_duplicate=False),
-        ):
-            names_of.setdefault(id(tensor), (tensor, []))[1].append(name)
-        for tensor, names in names_of.values():
-            given = {id(params[name]): (name, params[name]) for name in names if name in params}
-            if len(given) > 1:
-                raise ValueError(
-                    f"params gives different tensors for the tied names {', '.join(repr(n) for n in names)}, "
-                    f"which are one tensor in the model; give one of them"
-                )
-            name, value = next(iter(given.values()), (names[0], tensor))
+        for name, tensor, value in model_tensors(model, params):
             if value is not tensor:
                 self.substitute[id(tensor)] = value
             if id(value) not in self.values:
@@ -281,9 +319,10 @@ class Tracer(TorchFunctionMode):
         args: Sequence[Any] = (),
         kwargs: Mapping[str, Any] | None = None,
     ) -> Any:
-        kwargs = dict(kwargs or {})
+        given_kwargs = kwargs or {}
         if func in _METADATA:
-            return func(*args, **kwargs)
+            return func(*args, **given_kwargs)
+        kwargs = dict(given_kwargs)
         fn, mutates, returns_none = _out_of_place(func, kwargs)
         fn = _NORMALIZATIONS_WITH_RUNNING_STATS.get(fn, fn)
         leaves, spec = optree.tree_flatten((tuple(args), kwargs), none_is_leaf=True)
@@ -308,8 +347,8 @@ class Tracer(TorchFunctionMode):
                 if vid in self.activations and _is_float(leaf) and not constant:
                     act_positions.append(position)
                     act_vids.append(vid)
-        if not recorded:
-            return func(*args, **kwargs) if not mutates else self._run_plain(fn, leaves, spec)
+        if not recorded:  # nothing the record knows: run it as the model wrote it (in place included)
+            return func(*args, **given_kwargs)
         for replace in self.replace_op:
             replacement = replace(fn)
             if replacement is not None:
@@ -402,11 +441,7 @@ class Tracer(TorchFunctionMode):
                 f"of place (e.g. torch.cat, torch.where or index_put instead of slicing assignment)"
             )
 
-    def _run_plain(self, fn: Callable[..., Any], leaves: list[Any], spec: Any) -> Any:
-        call_args, call_kwargs = optree.tree_unflatten(spec, leaves)
-        return fn(*call_args, **call_kwargs)
-
-    def record(self, input_ids: list[int], output: Any) -> Record:
+    def record(self, input_ids: list[int], output: Any, output_ids: list[int | None]) -> Record:
         return Record(
             nodes=self.nodes,
             spans=self.spans,
@@ -415,6 +450,7 @@ class Tracer(TorchFunctionMode):
             param_names=self.param_names,
             input_ids=input_ids,
             output=output,
+            output_ids=output_ids,
         )
 
 
@@ -458,8 +494,11 @@ def trace(
     output = optree.tree_map(
         lambda leaf: tracer.resolve(leaf) if isinstance(leaf, Tensor) else leaf, output, none_is_leaf=True
     )
-    for leaf in optree.tree_leaves(output, none_is_leaf=True):
-        vid = tracer.vid_of(leaf) if isinstance(leaf, Tensor) else None
+    output_ids = [
+        tracer.vid_of(leaf) if isinstance(leaf, Tensor) else None
+        for leaf in optree.tree_leaves(output, none_is_leaf=True)
+    ]
+    for vid in output_ids:
         if vid in tracer.stale:
             raise NotImplementedError(tracer.stale[vid])
-    return tracer.record(input_ids, output)
+    return tracer.record(input_ids, output, output_ids)

@@ -110,7 +110,8 @@ class MergeBatchNorm(Canonizer):
             node = record.nodes[active[0]]
             if node.func is not F.batch_norm:
                 continue
-            bound = _BATCH_NORM_SIGNATURE.bind(*_arguments(record, node)[0], **_arguments(record, node)[1])
+            args, kwargs = _arguments(record, node)
+            bound = _BATCH_NORM_SIGNATURE.bind(*args, **kwargs)
             bound.apply_defaults()
             arguments = bound.arguments
             (vid,) = bn.inputs

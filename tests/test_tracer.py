@@ -642,3 +642,21 @@ def test_tied_weights_are_substituted_everywhere(name: str) -> None:
     expected_output, pullback = torch.func.vjp(lambda x: torch.func.functional_call(model, params, (x,)), x)
     torch.testing.assert_close(output, expected_output, rtol=1e-14, atol=1e-14)
     torch.testing.assert_close(relevance, pullback(g)[0], rtol=1e-12, atol=1e-14)
+
+
+def test_in_place_operation_on_a_tensor_made_inside_the_forward() -> None:
+    """A constant the forward creates and then mutates in place keeps PyTorch's in-place semantics."""
+
+    class Offset(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            offset = torch.zeros(3, dtype=x.dtype)
+            offset.add_(2.0)
+            torch.relu_(offset)
+            return self.lin(x) * offset
+
+    torch.manual_seed(7)
+    _assert_equals_plain(Offset().to(D), torch.randn(2, 4, dtype=D))
