@@ -1,9 +1,14 @@
-"""The architectures of the reference cases (tests/data/README.md), written out without torchvision."""
+"""The architectures of the reference cases (tests/data/README.md), written out without torchvision.
+
+The ResNet block is torchvision's BasicBlock as the benchmarks write it out (one ReLU module used twice,
+``out += identity`` in place)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from benchmarks.models import BasicBlock
 
 
 def mlp() -> nn.Module:
@@ -26,35 +31,6 @@ def cnn() -> nn.Module:
         nn.Dropout(0.5),
         nn.Linear(16, 5),
     )
-
-
-class BasicBlock(nn.Module):
-    """torchvision's BasicBlock: one ReLU module used twice, ``out += identity`` in place."""
-
-    expansion = 1
-
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = downsample
-        self.stride = stride
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x
-        out = self.conv1(x)
-        out = self.bn1(out)
-        out = self.relu(out)
-        out = self.conv2(out)
-        out = self.bn2(out)
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        out = self.relu(out)
-        return out
 
 
 class TinyResNet(nn.Module):
