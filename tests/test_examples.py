@@ -131,7 +131,7 @@ def test_custom_rule(tmp_path: Path) -> None:
     result = _load("custom_rule").main([str(tmp_path)], fast=True)
     assert result["closed_form_error"] < 1e-12
     assert result["builtin_zplus_error"] < 1e-12
-    assert result["conservation_error"] < 1e-2
+    assert result["conservation_error"] < 1e-3  # measured 1.2e-4 (seed 0): relevance lost to dead units
     assert "zplus_relu" in result["rule_table"]
     _valid_png(result["path"])
 
