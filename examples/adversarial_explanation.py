@@ -34,13 +34,12 @@ import argparse
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch import nn
 
 import lrpfunc
 from lrpfunc import canonizers, composites
 from lrpfunc.image import heatmap
-from shapes import CLASSES, make_shapes, train
+from common import CLASSES, image_grid, make_shapes, to_image, train
 
 def make_model() -> nn.Module:
     return nn.Sequential(
@@ -68,11 +67,6 @@ def pick_pairs(masks: torch.Tensor, count: int) -> list[tuple[int, int]]:
                 pairs.append((source, target))
                 used.update((source, target))
     return pairs
-
-
-def to_image(x: torch.Tensor, low: float, high: float) -> Image.Image:
-    x = ((x.detach() - low) / (high - low)).clamp(0, 1)
-    return Image.fromarray((x.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy(), "RGB")
 
 
 def main(argv: list[str] | None = None, *, fast: bool = False) -> dict:
@@ -137,14 +131,11 @@ def main(argv: list[str] | None = None, *, fast: bool = False) -> dict:
     output_change = (output_after - output_before).norm(dim=1) / output_before.norm(dim=1)
     input_change = (x_adv - source).flatten(1).norm(dim=1) / source.flatten(1).norm(dim=1)
 
-    scale, padding = 4, 2
-    cell = 32 * scale
-    grid = Image.new("RGB", (5 * cell + 4 * padding, len(pairs) * cell + (len(pairs) - 1) * padding), (255, 255, 255))
-    for row in range(len(pairs)):
-        cells = [to_image(source[row], low, high), to_image(x_adv[row], low, high),
-                 heatmap(h_before[row]), heatmap(h_after[row]), heatmap(h_target_relu[row])]
-        for col, picture in enumerate(cells):
-            grid.paste(picture.resize((cell, cell), Image.NEAREST), (col * (cell + padding), row * (cell + padding)))
+    grid = image_grid([
+        [to_image(source[row], low, high), to_image(x_adv[row], low, high),
+         heatmap(h_before[row]), heatmap(h_after[row]), heatmap(h_target_relu[row])]
+        for row in range(len(pairs))
+    ])
     path = out / "adversarial_explanation.png"
     grid.save(path)
 

@@ -33,13 +33,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 import lrpfunc
 from lrpfunc import canonizers
 from lrpfunc.image import heatmap
-from shapes import make_shapes, train
+from common import image_grid, make_shapes, to_image, train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,14 +119,7 @@ def main(argv: list[str] | None = None, *, fast: bool = False) -> dict:
 
     heatmaps = [explain["relu"](params, x, grad_output)[1], explain["custom softplus"](params, x, grad_output)[1],
                 direction["custom softplus"]]
-    cell, padding = 128, 2
-    grid = Image.new("RGB", (4 * cell + 3 * padding, len(x) * cell + (len(x) - 1) * padding), (255, 255, 255))
-    for row in range(len(x)):
-        image = (x[row] - x[row].min()) / (x[row].max() - x[row].min())
-        cells = [Image.fromarray((image.permute(1, 2, 0) * 255).round().byte().numpy(), "RGB")]
-        cells += [heatmap(maps[row].detach()) for maps in heatmaps]
-        for col, picture in enumerate(cells):
-            grid.paste(picture.resize((cell, cell), Image.NEAREST), (col * (cell + padding), row * (cell + padding)))
+    grid = image_grid([[to_image(x[row])] + [heatmap(maps[row].detach()) for maps in heatmaps] for row in range(len(x))])
     path = out / "custom_canonizer.png"
     grid.save(path)
     result["path"] = str(path)

@@ -24,13 +24,12 @@ import argparse
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch import nn
 
 import lrpfunc
 from lrpfunc import composites, rules, types
 from lrpfunc.image import heatmap
-from shapes import make_shapes, train
+from common import image_grid, make_shapes, to_image, train
 
 
 def zplus_relu(stabilizer: float = 1e-6, names: tuple[str, ...] = ("weight",)) -> lrpfunc.rules.BasicRule:
@@ -116,14 +115,8 @@ def main(argv: list[str] | None = None, *, fast: bool = False) -> dict:
     images, labels, _ = make_shapes(4, generator)
     target = torch.eye(3)[labels]
     maps = [lrpfunc.attribute(cnn, c)(params, images, target)[1] for c in (composite, composites.epsilon_plus_flat())]
-    cell, padding = 128, 2
-    grid = Image.new("RGB", (3 * cell + 2 * padding, len(images) * cell + (len(images) - 1) * padding), (255, 255, 255))
-    for row, image in enumerate(images):
-        image = (image - image.min()) / (image.max() - image.min())
-        cells = [Image.fromarray((image.permute(1, 2, 0) * 255).round().byte().numpy(), "RGB")]
-        cells += [heatmap(relevance[row]) for relevance in maps]
-        for col, picture in enumerate(cells):
-            grid.paste(picture.resize((cell, cell), Image.NEAREST), (col * (cell + padding), row * (cell + padding)))
+    grid = image_grid([[to_image(image)] + [heatmap(relevance[row]) for relevance in maps]
+                       for row, image in enumerate(images)])
     path = out / "custom_rule.png"
     grid.save(path)
     result["path"] = str(path)

@@ -36,12 +36,12 @@ import argparse
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch import nn
 
 import lrpfunc
 from lrpfunc import composites
 from lrpfunc.image import heatmap
+from common import image_grid, to_image
 
 SIZE = 16
 PATCH = 3  # the decoy patch is PATCH x PATCH in the top-left corner
@@ -125,23 +125,13 @@ def evaluate(model: nn.Module, seed: int) -> dict:
     return result
 
 
-def to_image(x: torch.Tensor) -> Image.Image:
-    x = (x - x.min()) / (x.max() - x.min()).clamp(min=1e-12)
-    return Image.fromarray((x.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy(), "RGB")
-
-
 def save_heatmaps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, path: Path, scale: int = 8) -> None:
     """Rows: images; columns: input, gradient, LRP epsilon_plus_flat (both for the true class)."""
     params = dict(model.named_parameters())
     maps = [lrpfunc.attribute(model, composite)(params, x, torch.eye(2)[y])[1].detach()
             for composite in (None, composites.epsilon_plus_flat())]
-    cell, padding = SIZE * scale, 2
-    grid = Image.new("RGB", (3 * cell + 2 * padding, len(x) * cell + (len(x) - 1) * padding), (255, 255, 255))
-    for row in range(len(x)):
-        cells = [to_image(x[row])] + [heatmap(relevance[row]) for relevance in maps]
-        for col, picture in enumerate(cells):
-            grid.paste(picture.resize((cell, cell), Image.NEAREST), (col * (cell + padding), row * (cell + padding)))
-    grid.save(path)
+    rows = [[to_image(x[row])] + [heatmap(relevance[row]) for relevance in maps] for row in range(len(x))]
+    image_grid(rows, cell=SIZE * scale).save(path)
 
 
 def main(argv: list[str] | None = None, *, fast: bool = False) -> dict:

@@ -27,13 +27,12 @@ import argparse
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch import nn
 
 import lrpfunc
 from lrpfunc import canonizers, composites
 from lrpfunc.image import heatmap
-from shapes import CLASSES, make_shapes, train
+from common import CLASSES, image_grid, make_shapes, to_image, train
 
 def make_model() -> nn.Module:
     return nn.Sequential(
@@ -106,16 +105,11 @@ def main(argv: list[str] | None = None, *, fast: bool = False) -> dict:
         "shape_all_classes": tuple(all_classes.shape),
     }
 
-    scale, padding = 4, 2
-    cell = 32 * scale
-    grid = Image.new("RGB", ((k + 1) * cell + k * padding, n * cell + (n - 1) * padding), (255, 255, 255))
+    rows = []
     for row in range(n):
-        image = x[row] - x[row].min()
-        image = Image.fromarray((image / image.max() * 255).round().byte().permute(1, 2, 0).numpy(), "RGB")
         bound = all_classes[row].sum(1).abs().max().item()  # one colour scale per row: classes compare
-        cells = [image] + [heatmap(all_classes[row, c], vmin=-bound, vmax=bound) for c in range(k)]
-        for col, picture in enumerate(cells):
-            grid.paste(picture.resize((cell, cell), Image.NEAREST), (col * (cell + padding), row * (cell + padding)))
+        rows.append([to_image(x[row])] + [heatmap(all_classes[row, c], vmin=-bound, vmax=bound) for c in range(k)])
+    grid = image_grid(rows)
     path = out / "all_classes.png"
     grid.save(path)
     result["path"] = str(path)

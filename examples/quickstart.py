@@ -22,13 +22,12 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch import nn
 
 import lrpfunc
 from lrpfunc import canonizers, composites
 from lrpfunc.image import heatmap
-from shapes import CLASSES, make_shapes, train
+from common import CLASSES, image_grid, make_shapes, to_image, train
 
 def make_model() -> nn.Module:
     return nn.Sequential(
@@ -37,26 +36,6 @@ def make_model() -> nn.Module:
         nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, len(CLASSES)),
     )
-
-
-def to_image(x: torch.Tensor) -> Image.Image:
-    """An input tensor (3, H, W) as an RGB picture, min-max scaled."""
-    x = x.detach()
-    x = (x - x.min()) / (x.max() - x.min()).clamp(min=1e-12)
-    return Image.fromarray((x.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy(), "RGB")
-
-
-def image_grid(rows: list[list[Image.Image]], scale: int = 4, padding: int = 2) -> Image.Image:
-    """Paste equally sized pictures into a grid (white padding), each enlarged ``scale`` times."""
-    width, height = rows[0][0].size
-    width, height = width * scale, height * scale
-    ncols = len(rows[0])
-    grid = Image.new("RGB", (ncols * width + (ncols - 1) * padding, len(rows) * height + (len(rows) - 1) * padding),
-                     (255, 255, 255))
-    for r, row in enumerate(rows):
-        for c, cell in enumerate(row):
-            grid.paste(cell.resize((width, height), Image.NEAREST), (c * (width + padding), r * (height + padding)))
-    return grid
 
 
 def methods(low: float, high: float) -> dict[str, object]:

@@ -28,7 +28,7 @@ NAMES = (
 
 
 def _load(name: str) -> ModuleType:
-    if str(EXAMPLES) not in sys.path:  # the examples import their shared task from examples/shapes.py
+    if str(EXAMPLES) not in sys.path:  # the examples import what they share from examples/common.py
         sys.path.insert(0, str(EXAMPLES))
     spec = importlib.util.spec_from_file_location(f"lrpfunc_example_{name}", EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)

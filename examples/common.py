@@ -1,4 +1,5 @@
-"""The synthetic task the examples share: a horizontal bar, a vertical bar or a square on noise.
+"""What the examples share: a synthetic task (a horizontal bar, a vertical bar or a square on noise), a
+plain training loop, and the pictures they write (an input as RGB, a grid of pictures).
 
 Not an example itself: ``quickstart.py`` and the others import it (they run from this folder).
 """
@@ -6,6 +7,7 @@ Not an example itself: ``quickstart.py`` and the others import it (they run from
 from __future__ import annotations
 
 import torch
+from PIL import Image
 from torch import nn
 
 CLASSES = ("horizontal bar", "vertical bar", "square")
@@ -43,3 +45,24 @@ def train(model: nn.Module, steps: int, generator: torch.Generator, *, batch_siz
         optimizer.step()
     model.eval()
     return loss.item()
+
+
+def to_image(x: torch.Tensor, low: float | None = None, high: float | None = None) -> Image.Image:
+    """An input tensor (3, H, W) as an RGB picture: ``[low, high]`` mapped to black..white (clipped), or
+    min-max scaled when no bounds are given."""
+    x = x.detach().float()
+    if low is None or high is None:
+        low, high = x.min().item(), x.max().item()
+    x = ((x - low) / max(high - low, 1e-12)).clamp(0, 1)
+    return Image.fromarray((x.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy(), "RGB")
+
+
+def image_grid(rows: list[list[Image.Image]], cell: int = 128, padding: int = 2) -> Image.Image:
+    """Paste pictures into a grid (white padding between cells), each resized to ``cell`` x ``cell``."""
+    ncols = max(len(row) for row in rows)
+    size = (ncols * cell + (ncols - 1) * padding, len(rows) * cell + (len(rows) - 1) * padding)
+    grid = Image.new("RGB", size, (255, 255, 255))
+    for r, row in enumerate(rows):
+        for c, picture in enumerate(row):
+            grid.paste(picture.resize((cell, cell), Image.NEAREST), (c * (cell + padding), r * (cell + padding)))
+    return grid
