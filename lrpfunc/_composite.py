@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -92,10 +93,7 @@ def call_sites(record: Record) -> list[CallSite]:
         site = CallSite("op", index, op_site_name(record, node), None, node.func, node.label, 0, 0)
         sites.append(((index, 1, 0), site))
     sites.sort(key=lambda item: item[0])
-    return [
-        CallSite(s.kind, s.index, s.name, s.module, s.func, s.label, s.call_index, order)
-        for order, (_, s) in enumerate(sites)
-    ]
+    return [dataclasses.replace(site, order=order) for order, (_, site) in enumerate(sites)]
 
 
 def rule_name(rule: Any) -> str:
