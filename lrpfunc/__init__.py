@@ -1,6 +1,6 @@
 """lrpfunc: layer-wise relevance propagation and other modified gradients as pure torch.func functions."""
 
-from . import canonizers, composites, rules, types
+from . import canonizers, composites, evaluate, ops, rules, types
 from ._attribute import attribute, attribute_with_params, rule_table
 from ._attributors import integrated_gradients, occlusion, smooth_grad
 from ._basic import ParamMod
@@ -25,8 +25,10 @@ __all__ = [
     "stabilize",
     "canonizers",
     "composites",
+    "evaluate",
+    "ops",
     "rules",
     "types",
 ]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

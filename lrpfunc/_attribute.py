@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import optree
 import torch
 
-from ._composite import CallSite, Composite, RuleTable, call_sites
-from ._record import Record
-from ._sweep import Rule, plan, sweep
-from ._tracer import trace
+from ._composite import CallSite, Composite, RuleTable, resolver_of
+from ._sweep import Observer, sweep
+from ._tape import AutogradTape, Tape, VjpTape, choose_tape
+from ._trace import ModelInfo, Retry, Stale, Substitution, Trace, Tracer, call_model, tracing
 from .canonizers import Canonizer
 
 Tensor = torch.Tensor
 
-__all__ = ["attribute", "attribute_with_params", "rule_table"]
+__all__ = ["attribute", "attribute_with_params", "rule_table", "Setup", "run_trace", "check_grad_output"]
 
 AttributionFn = Callable[[Mapping[str, Tensor], Any, Any], tuple[Any, Any]]
 
@@ -40,15 +42,13 @@ def _check_setup(where: str, model: Any, composite: Any, canonizers: Any) -> tup
     return canonizers
 
 
-def _check_params(where: str, model: torch.nn.Module, params: Any) -> None:
+def _check_params(where: str, info: ModelInfo, model: torch.nn.Module, params: Any) -> None:
     if not isinstance(params, Mapping):
         raise TypeError(
             f"{where}: params must be a mapping of names to tensors like dict(model.named_parameters()), "
             f"got {type(params).__name__}"
         )
-    known = {name for name, _ in model.named_parameters(remove_duplicate=False)}
-    known |= {name for name, _ in model.named_buffers(remove_duplicate=False)}
-    unknown = [name for name in params if name not in known]
+    unknown = [name for name in params if name not in info.known]
     if unknown:
         raise ValueError(
             f"{where}: params has names that are neither parameters nor buffers of {type(model).__name__}: "
@@ -85,64 +85,250 @@ def check_grad_output(where: str, output: Any, grad_output: Any) -> list[Tensor]
     return grad_leaves
 
 
-def _resolve(record: Record, composite: Composite | None) -> tuple[list[CallSite], list[Rule | None]]:
-    sites = call_sites(record)
-    if composite is None:
-        return sites, [None] * len(sites)
-    rules = list(composite.resolve(sites))
-    if len(rules) != len(sites):
-        raise ValueError(f"composite {composite!r} resolved {len(rules)} rules for {len(sites)} call sites")
-    return sites, rules
+def _distinct(leaves: list[Any]) -> list[Any]:
+    """The same tensor passed twice is two inputs, as for :func:`torch.func.vjp`."""
+    seen: set[int] = set()
+    for index, leaf in enumerate(leaves):
+        if isinstance(leaf, Tensor):
+            if id(leaf) in seen:
+                leaves[index] = leaf.view_as(leaf)
+            seen.add(id(leaf))
+    return leaves
 
 
-def _record(
-    where: str,
-    model: torch.nn.Module,
-    canonizers: tuple[Canonizer, ...],
+def _is_float(tensor: Tensor) -> bool:
+    return tensor.is_floating_point() or tensor.is_complex()
+
+
+@dataclass
+class Setup:
+    """What an attribution function holds: the model, the composite, the canonizers, and what it read from them
+    once (module names, parameter names, whether the composite resolves while tracing)."""
+
+    where: str
+    model: torch.nn.Module
+    composite: Composite | None
+    canonizers: tuple[Canonizer, ...]
+    info: ModelInfo = field(init=False)
+    streaming: bool = field(init=False)
+    traced: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.info = ModelInfo(self.model)
+        self.streaming = self.composite is None or resolver_of(self.composite) is not None
+        self.merge = any(c.merges_batchnorm for c in self.canonizers)
+        self.labels = any(c.labels_sums for c in self.canonizers)
+        self.rewrites = [c for c in self.canonizers if type(c).rewrite is not Canonizer.rewrite]
+        self.replacers = [c for c in self.canonizers if type(c).replace_op is not Canonizer.replace_op]
+        self.traced = self.composite is not None or bool(self.rewrites)
+
+    def refresh(self, stale: Stale) -> None:
+        """Read the model's structure again after a trace met a module or parameter it did not list; one that is
+        still not part of the model afterwards is foreign (used by the forward pass, but not the model's own)."""
+        info = ModelInfo(self.model, self.info.foreign)
+        if stale.key not in info.names and stale.key not in info.ids:
+            info.foreign.add(stale.key)
+        self.info = info
+
+    def replace(self, func: Callable[..., Any]) -> Callable[..., Any]:
+        for canonizer in self.replacers:
+            replacement = canonizer.replace_op(func)
+            if replacement is not None:
+                func = replacement
+        return func
+
+
+def refreshing(setup: Setup, run: Callable[[], Any]) -> Any:
+    """``run()``, again after reading the model anew whenever it meets a module or parameter the setup lacks."""
+    while True:
+        try:
+            return run()
+        except Stale as stale:
+            setup.refresh(stale)
+
+
+class _TableResolver:
+    """Rules resolved by a composite without ``resolver()`` from a first pass's sites, looked up by site."""
+
+    def __init__(self, composite: Composite, sites: Sequence[CallSite]) -> None:
+        rules = list(composite.resolve(sites))
+        if len(rules) != len(sites):
+            raise ValueError(f"composite {composite!r} resolved {len(rules)} rules for {len(sites)} call sites")
+        self.composite = composite
+        self.table = {(site.kind, site.index): rule for site, rule in zip(sites, rules)}
+
+    def __call__(self, site: CallSite) -> Any:
+        key = (site.kind, site.index)
+        if key in self.table:
+            return self.table[key]
+        return self.composite.resolve([site])[0]  # a site the first pass did not see (inside a decomposition)
+
+
+def run_trace(
+    setup: Setup,
     params: Mapping[str, Tensor],
     x: Any,
-) -> Record:
-    _check_params(where, model, params)
-    _check_tensors(where, "x", x)
-    record = trace(model, params, x, [c.replace_op for c in canonizers])
-    for canonizer in canonizers:
-        canonizer.rewrite(record)
-    _check_tensors(where, "the model's output", record.output)
-    return record
+    tape: Tape,
+    *,
+    record_sites: bool = False,
+    observe: Callable[[str, int], str | None] | None = None,
+    resolve: bool = True,
+) -> Trace:
+    """Run the forward pass on ``tape`` and return its :class:`~lrpfunc._trace.Trace`.
+
+    The composite resolves the sites as they are reached (a fresh resolver per pass: it may count what it saw). A
+    composite with only ``resolve(sites)`` gets the sites of a first pass without rules. A BatchNorm merged while
+    tracing whose input turns out to be read elsewhere later makes the pass run again without that merge.
+    """
+    composite = setup.composite if resolve else None
+    table: _TableResolver | None = None
+    if composite is not None and not setup.streaming:
+        first = run_trace(setup, params, x, AutogradTape(), record_sites=True, resolve=False)
+        table = _TableResolver(composite, [site for site, _, by in first.sites if by is None])
+    skip: frozenset[tuple[int, int]] = frozenset()
+    while True:
+        resolver = table if table is not None else (resolver_of(composite) if composite is not None else None)
+        tracer = Tracer(
+            setup.info,
+            params,
+            tape,
+            resolver=resolver,
+            replacers=setup.replacers,
+            merge_batchnorm=setup.merge,
+            label_sums=setup.labels,
+            observe=observe,
+            skip_merge=skip,
+            record_sites=record_sites,
+        )
+        leaves, spec = optree.tree_flatten(x, none_is_leaf=True)
+        leaves = _distinct(leaves)
+        tape.begin()
+        try:
+            input_ids: list[int | None] = [
+                tracer.add_input(leaf) if isinstance(leaf, Tensor) and _is_float(leaf) else None for leaf in leaves
+            ]
+            inputs = [tracer.tensors[vid] if vid is not None else leaf for vid, leaf in zip(input_ids, leaves)]
+            with tracing(tracer):
+                output = call_model(setup.model, optree.tree_unflatten(spec, inputs))
+            trace = tracer.finish(input_ids, output)
+        except Retry as retry:
+            skip = skip | {retry.skip_merge}
+            continue
+        finally:
+            tape.end()
+        for canonizer in setup.rewrites:
+            canonizer.rewrite(trace)
+        return trace
+
+
+def _seeds(trace: Trace, grad_leaves: Sequence[Tensor]) -> list[tuple[int, Tensor]]:
+    return [
+        (vid, grad)
+        for vid, grad in zip(trace.output_ids, grad_leaves)
+        if vid is not None and vid in trace.activations
+    ]
+
+
+def _plain(setup: Setup, params: Mapping[str, Tensor], x: Any, grad_output: Any, tape: Tape) -> tuple[Any, Any]:
+    """No rules: the vector-Jacobian product of the model (with the canonizers' replacements)."""
+    where = setup.where
+    leaves, spec = optree.tree_flatten(x, none_is_leaf=True)
+    leaves = _distinct(leaves)
+    floats = [index for index, leaf in enumerate(leaves) if _is_float(leaf)]
+    replace = setup.replace if setup.replacers else None
+    if isinstance(tape, AutogradTape):
+        with torch.enable_grad():
+            for index in floats:
+                leaves[index] = leaves[index].detach().requires_grad_()
+            with Substitution(setup.info, params, replace, detach=True):
+                output = call_model(setup.model, optree.tree_unflatten(spec, leaves))
+        _check_tensors(where, "the model's output", output)
+        grad_leaves = check_grad_output(where, output, grad_output)
+        output_leaves = optree.tree_leaves(output, none_is_leaf=True)
+        pairs = [(out, grad) for out, grad in zip(output_leaves, grad_leaves) if out.requires_grad]
+        inputs = [leaves[index] for index in floats]
+        grads: Sequence[Tensor | None] = [None] * len(inputs)
+        if pairs and inputs:
+            grads = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True)
+        relevance = [torch.zeros_like(leaf) for leaf in leaves]
+        for index, grad in zip(floats, grads):
+            if grad is not None:
+                relevance[index] = grad
+        output = optree.tree_map(lambda t: t.detach(), output, none_is_leaf=True)
+        return output, optree.tree_unflatten(spec, [r.detach() for r in relevance])
+    shape: list[Any] = []
+
+    def forward(*values: Tensor) -> tuple[tuple[Tensor, ...], tuple[Any, ...]]:
+        current = list(leaves)
+        for index, value in zip(floats, values):
+            current[index] = value
+        with Substitution(setup.info, params, replace):
+            result = call_model(setup.model, optree.tree_unflatten(spec, current))
+        _check_tensors(where, "the model's output", result)
+        result_leaves, result_spec = optree.tree_flatten(result, none_is_leaf=True)
+        shape[:] = [result_spec, [isinstance(leaf, Tensor) and _is_float(leaf) for leaf in result_leaves]]
+        differentiable = tuple(leaf for leaf in result_leaves if isinstance(leaf, Tensor) and _is_float(leaf))
+        others = tuple(leaf for leaf in result_leaves if not (isinstance(leaf, Tensor) and _is_float(leaf)))
+        return differentiable or (torch.zeros(()),), others
+
+    primals = [leaves[index] for index in floats]
+    if primals:
+        differentiable, pullback, others = torch.func.vjp(forward, *primals, has_aux=True)
+    else:
+        differentiable, others = forward()
+        pullback = None
+    result_spec, is_float = shape
+    diff_iter, other_iter = iter(differentiable), iter(others)
+    output = optree.tree_unflatten(result_spec, [next(diff_iter) if f else next(other_iter) for f in is_float])
+    _check_tensors(where, "the model's output", output)
+    grad_leaves = check_grad_output(where, output, grad_output)
+    relevance = [torch.zeros_like(leaf) for leaf in leaves]
+    if pullback is not None and any(is_float):
+        cotangents = tuple(grad for grad, f in zip(grad_leaves, is_float) if f)
+        for index, grad in zip(floats, pullback(cotangents)):
+            relevance[index] = grad
+    return output, optree.tree_unflatten(spec, relevance)
 
 
 def _run(
-    where: str,
-    model: torch.nn.Module,
-    composite: Composite | None,
-    canonizers: tuple[Canonizer, ...],
+    setup: Setup,
     params: Mapping[str, Tensor],
     x: Any,
     grad_output: Any,
     param_relevance: dict[str, Tensor] | None,
+    *,
+    observe: Callable[[str, int], str | None] | None = None,
+    observer: Observer | None = None,
+    observed_seeds: Mapping[str, Tensor] | None = None,
+    grad_leaves: Sequence[Tensor] | None = None,
 ) -> tuple[Any, Any]:
-    record = _record(where, model, canonizers, params, x)
-    grad_leaves = check_grad_output(where, record.output, grad_output)
-    sites, rules = _resolve(record, composite)
-    span_rules = {site.index: rule for site, rule in zip(sites, rules) if rule is not None and site.kind == "module"}
-    op_rules = {site.index: rule for site, rule in zip(sites, rules) if rule is not None and site.kind == "op"}
-    seeds: dict[int, Tensor] = {}
-    for vid, grad in zip(record.output_ids, grad_leaves):
-        if vid is not None and vid in record.activations:
-            seeds[vid] = seeds[vid] + grad if vid in seeds else grad
-    cotangents = sweep(
-        record,
-        plan(record, span_rules, op_rules),
-        seeds,
-        wants_param_relevance=param_relevance is not None,
-        param_relevance=param_relevance,
-    )
-    x_leaves, x_spec = optree.tree_flatten(x, none_is_leaf=True)
+    where = setup.where
+    if any(name not in setup.info.known for name in params):  # the model may have gained a parameter
+        setup.info = ModelInfo(setup.model, setup.info.foreign)
+    _check_params(where, setup.info, setup.model, params)
+    _check_tensors(where, "x", x)
+    given = [*params.values(), *optree.tree_leaves(x, none_is_leaf=True), *optree.tree_leaves(grad_output, none_is_leaf=True)]
+    tape = choose_tape(given)
+    if not setup.traced and observe is None and param_relevance is None:
+        return refreshing(setup, lambda: _plain(setup, params, x, grad_output, tape))
+    trace = refreshing(setup, lambda: run_trace(setup, params, x, tape, observe=observe))
+    _check_tensors(where, "the model's output", trace.output)
+    if grad_leaves is None:
+        grad_leaves = check_grad_output(where, trace.output, grad_output)
+    with torch.no_grad() if not tape.exact else contextlib.nullcontext():
+        cotangents = sweep(
+            trace,
+            _seeds(trace, grad_leaves),
+            param_relevance=param_relevance,
+            observer=observer,
+            observed_seeds=observed_seeds,
+        )
+    leaves, spec = optree.tree_flatten(x, none_is_leaf=True)
     relevance = [
-        cotangents.get(vid, torch.zeros_like(leaf)) if vid in record.activations else torch.zeros_like(leaf)
-        for vid, leaf in zip(record.input_ids, x_leaves)
+        cotangents[vid] if vid is not None and vid in cotangents else torch.zeros_like(leaf)
+        for vid, leaf in zip(trace.input_ids, leaves)
     ]
-    return record.output, optree.tree_unflatten(x_spec, relevance)
+    return trace.output, optree.tree_unflatten(spec, relevance)
 
 
 def attribute(
@@ -162,6 +348,11 @@ def attribute(
         ``relevance`` is an ordinary differentiable function of ``params``, ``x`` and ``grad_output``:
         ``torch.func.grad``, ``vmap``, ``jacrev``, ``jacfwd`` and ``hessian`` compose with ``fn`` and give
         the exact derivatives of that function.
+
+    Speed: when nothing outside can differentiate the result (no ``torch.func`` transform is active, and no
+    argument requires grad while grad mode is on), ``fn`` uses plain autograd inside, which costs about what a
+    gradient costs; under ``torch.no_grad()`` or with detached ``params`` a heatmap takes this path. Otherwise one
+    ``torch.func`` grad level records the whole forward pass (see ``lrpfunc._tape``).
 
     Args:
         model: Any ``torch.nn.Module``; it is never modified, and nothing is stored on it.
@@ -187,10 +378,10 @@ def attribute(
         >>> per_sample = torch.func.vmap(fn, in_dims=(None, 0, 0))(params, x, torch.eye(2)[[0] * 5])
     """
     where = f"attribute({type(model).__name__}, composite)"
-    canonizers = _check_setup(where, model, composite, canonizers)
+    setup = Setup(where, model, composite, _check_setup(where, model, composite, canonizers))
 
     def attribution(params: Mapping[str, Tensor], x: Any, grad_output: Any) -> tuple[Any, Any]:
-        return _run(where, model, composite, canonizers, params, x, grad_output, None)
+        return _run(setup, params, x, grad_output, None)
 
     return attribution
 
@@ -211,15 +402,16 @@ def attribute_with_params(
         ``fn(params, x, grad_output) -> (output, relevance, param_relevance)`` where ``param_relevance``
         maps qualified parameter names to tensors of the parameters' shapes. For calls a canonizer merged
         (BatchNorm folded into a convolution), the relevance is that of the merged parameter and is
-        reported under the layer's own parameter name. Composes with ``torch.func`` like
-        :func:`attribute`.
+        reported under the layer's own parameter name. For operations with parameter operands (``F.linear``
+        written in a forward, HuggingFace ``Conv1D``), the model's parameter names are used. Composes with
+        ``torch.func`` like :func:`attribute`.
     """
     where = f"attribute_with_params({type(model).__name__}, composite)"
-    canonizers = _check_setup(where, model, composite, canonizers)
+    setup = Setup(where, model, composite, _check_setup(where, model, composite, canonizers))
 
     def attribution(params: Mapping[str, Tensor], x: Any, grad_output: Any) -> tuple[Any, Any, dict[str, Tensor]]:
         relevances: dict[str, Tensor] = {}
-        output, relevance = _run(where, model, composite, canonizers, params, x, grad_output, relevances)
+        output, relevance = _run(setup, params, x, grad_output, relevances)
         return output, relevance, relevances
 
     return attribution
@@ -232,13 +424,19 @@ def rule_table(
     canonizers: Sequence[Canonizer] | Canonizer = (),
     params: Mapping[str, Tensor] | None = None,
 ) -> RuleTable:
-    """Which rule each call site gets, without running any backward pass.
+    """Which rule each call site gets, and its operation class, without running any backward pass.
 
     Runs the forward pass once on ``x`` (an example input suffices: sites depend only on the execution
-    order) and returns the :class:`~lrpfunc.RuleTable`; ``print`` it to read it.
+    order) and returns the :class:`~lrpfunc.RuleTable`; ``print`` it to read it. Sites inside a call that has a
+    rule are covered by it and listed as such.
     """
     where = f"rule_table({type(model).__name__}, composite)"
-    canonizers = _check_setup(where, model, composite, canonizers)
-    record = _record(where, model, canonizers, dict(params or {}), x)
-    sites, rules = _resolve(record, composite)
-    return RuleTable(tuple(zip(sites, rules)))
+    setup = Setup(where, model, composite, _check_setup(where, model, composite, canonizers))
+    params = dict(params or {})
+    _check_params(where, setup.info, model, params)
+    _check_tensors(where, "x", x)
+    with torch.no_grad():
+        trace = refreshing(setup, lambda: run_trace(setup, params, x, AutogradTape(), record_sites=True))
+    _check_tensors(where, "the model's output", trace.output)
+    rows = tuple((site, rule) for site, rule, _ in trace.sites)
+    return RuleTable(rows, tuple(by for _, _, by in trace.sites))

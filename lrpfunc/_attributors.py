@@ -24,7 +24,7 @@ import torch
 
 from ._attribute import _check_params, _check_setup, attribute, check_grad_output
 from ._composite import Composite
-from ._tracer import evaluate
+from ._trace import ModelInfo, evaluate
 from .canonizers import Canonizer
 
 Tensor = torch.Tensor
@@ -355,11 +355,13 @@ def occlusion(
             f"{where}: occlusion_fn must be callable (x, mask) -> tensor, got {type(occlusion_fn).__name__}"
         )
 
-    def run(params: Mapping[str, Tensor], x: Tensor) -> Any:
-        return evaluate(model, params, x)
-
     def attribution(params: Mapping[str, Tensor], x: Tensor, grad_output: Any) -> tuple[Any, Tensor]:
-        _check_params(where, model, params)
+        info = ModelInfo(model)
+
+        def run(params: Mapping[str, Tensor], x: Tensor) -> Any:
+            return evaluate(model, params, x, info)
+
+        _check_params(where, info, model, params)
         _check_x(where, x)
         if x.ndim < 2:
             raise ValueError(

@@ -139,12 +139,27 @@ class BasicRule:
     input_modifiers: tuple[Callable[[Tensor], Tensor], ...]
     param_modifiers: tuple[ParamMod, ...]
     output_modifiers: tuple[Callable[[Tensor], Tensor], ...]
-    gradient_mapper: Callable[[Tensor, Sequence[Tensor]], Sequence[Tensor] | Tensor] = default_gradient_mapper
+    gradient_mapper: Callable[[Tensor, Sequence[Tensor]], Sequence[Tensor | None] | Tensor] = default_gradient_mapper
     reducer: Callable[[Sequence[Tensor], Sequence[Tensor]], Tensor] = default_reducer
     name: str = field(default="basic", compare=False)
+    hold_statistics: bool = False
+    pullback: bool | None = field(default=None, compare=False)
 
     def __repr__(self) -> str:
         return self.name
+
+    @property
+    def needs_pullback(self) -> bool:
+        """Whether the rule may use the call's true pullback: some modifier triple leaves inputs and parameters as
+        they are (then the recorded output and pullback are reused instead of a replay)."""
+        if self.pullback is not None:
+            return self.pullback
+        if self.hold_statistics:
+            return False
+        return any(
+            in_mod is identity and param_mod.modifier is keep_param
+            for in_mod, param_mod in zip(self.input_modifiers, self.param_modifiers)
+        )
 
     def __call__(self, call: Call, grad_outputs: tuple[Tensor, ...]) -> Propagated:
         if len(call.outputs) != 1 or not call.inputs:
@@ -179,31 +194,36 @@ class BasicRule:
                 f"rule {self.name}: the gradient mapper returned {len(gammas)} tensors for {len(outputs)} "
                 f"modified outputs of {call.describe()}"
             )
-        grads = [pull(gamma) for pull, gamma in zip(pullbacks, gammas)]
+        # a gradient the mapper leaves out (None) is not pulled back: the reducer must not read it
+        grads = [pull(gamma) if gamma is not None else ((None,) * len(call.inputs), {}) for pull, gamma in zip(pullbacks, gammas)]
         relevance = tuple(
             self.reducer([x_k[i] for x_k in inputs], [g_k[0][i] for g_k in grads]) for i in range(len(call.inputs))
         )
         param_relevance: dict[str, Tensor] = {}
         if with_params:
-            shared = set.intersection(*(set(g_k[1]) for g_k in grads)) if grads else set()
+            used = [g_k for g_k, gamma in zip(grads, gammas) if gamma is not None]
+            shared = set.intersection(*(set(g_k[1]) for g_k in used)) if used else set()
             for name in call.params:
                 if name in shared:
-                    param_relevance[name] = self.reducer([p_k[name] for p_k in params], [g_k[1][name] for g_k in grads])
+                    param_relevance[name] = self.reducer(
+                        [p_k[name] for p_k in params], [g_k[1].get(name) for g_k in grads]  # type: ignore[misc]
+                    )
         return Propagated(relevance, param_relevance)
 
     def _modified_call(
         self, call: Call, in_mod: Callable[[Tensor], Tensor], param_mod: ParamMod, with_params: bool
     ) -> tuple[tuple[Tensor, ...], Mapping[str, Tensor], Tensor, Callable[[Tensor], Any]]:
         """Modified inputs and parameters, the modified output and its pullback to both."""
-        if in_mod is identity and param_mod.is_identity(call) and not with_params:
+        hold = self.hold_statistics
+        if in_mod is identity and param_mod.is_identity(call) and not with_params and not hold:
             pullback = call.pullback
             return call.inputs, call.params, call.outputs[0], lambda g: (pullback((g,)), {})
         x_k = tuple(in_mod(x) for x in call.inputs)
         p_k = param_mod.apply(call, self.name)
         if with_params:
-            (raw,), pull_both = torch.func.vjp(lambda xs, ps: call.forward(xs, ps), x_k, p_k)
+            (raw,), pull_both = torch.func.vjp(lambda xs, ps: call.forward(xs, ps, hold_statistics=hold), x_k, p_k)
             return x_k, p_k, raw, lambda g: pull_both((g,))
-        (raw,), pull_x = torch.func.vjp(lambda *xs: call.forward(xs, p_k), *x_k)
+        (raw,), pull_x = torch.func.vjp(lambda *xs: call.forward(xs, p_k, hold_statistics=hold), *x_k)
         return x_k, p_k, raw, lambda g: (pull_x((g,)), {})
 
 
@@ -219,6 +239,8 @@ def basic(
     gradient_mapper: Callable[[Tensor, Sequence[Tensor]], Sequence[Tensor] | Tensor] | None = None,
     reducer: Callable[[Sequence[Tensor], Sequence[Tensor]], Tensor] | None = None,
     name: str = "basic",
+    hold_statistics: bool = False,
+    needs_pullback: bool | None = None,
 ) -> BasicRule:
     """The general LRP rule, Zennit's ``BasicHook`` as a pure value.
 
@@ -248,6 +270,11 @@ def basic(
         gradient_mapper: ``(R_out, outputs) -> K tensors`` (a single tensor is accepted for ``K = 1``).
         reducer: ``(inputs, gradients) -> R_in``.
         name: Shown in rule tables and error messages.
+        hold_statistics: Evaluate the modified forward passes with the statistics of normalisations held at
+            their recorded values (see :meth:`lrpfunc.Call.forward`); used by :func:`lrpfunc.rules.normalization`.
+        needs_pullback: Whether the rule uses the call's recorded pullback; by default, when some modifier triple
+            keeps inputs and parameters as they are. ``False`` lets the tracer run the call without recording it
+            (a gradient mapper may then return ``None`` for such a triple, whose output it only reads).
 
     Returns:
         A :class:`BasicRule`.
@@ -283,4 +310,6 @@ def basic(
         gradient_mapper=gradient_mapper if gradient_mapper is not None else default_gradient_mapper,
         reducer=reducer if reducer is not None else default_reducer,
         name=name,
+        hold_statistics=hold_statistics,
+        pullback=needs_pullback,
     )

@@ -49,6 +49,10 @@ class Call:
         params: The call's parameters by local name (``"weight"``, ``"bias"``); after a canonizer merged
             layers, the merged parameters (differentiable functions of the original ones).
         wants_param_relevance: Whether the caller asked for a relevance of each parameter.
+        op_class: The operation class (:mod:`lrpfunc.ops`) of an operation call, or of the last operation of a
+            module call.
+        input_sources: For each input, the class of the operation that produced it, looking through data movement
+            (``ops.Softmax`` for attention weights, ``ops.Elementwise`` for a gate); ``None`` for the model's inputs.
     """
 
     name: str
@@ -59,15 +63,29 @@ class Call:
     outputs: tuple[Tensor, ...]
     params: Mapping[str, Tensor]
     wants_param_relevance: bool
-    _forward: Callable[[tuple[Tensor, ...], Mapping[str, Tensor]], tuple[Tensor, ...]] = field(repr=False)
+    _forward: Callable[..., tuple[Tensor, ...]] = field(repr=False)
     _pullback: Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]] = field(repr=False)
+    op_class: type | None = None
+    input_sources: tuple[type | None, ...] = ()
 
-    def forward(self, inputs: Sequence[Tensor], params: Mapping[str, Tensor] | None = None) -> tuple[Tensor, ...]:
+    def forward(
+        self, inputs: Sequence[Tensor], params: Mapping[str, Tensor] | None = None, *, hold_statistics: bool = False
+    ) -> tuple[Tensor, ...]:
         """Evaluate the call again on ``inputs`` with ``params`` (the call's own where not given).
 
-        Returns the floating-point outputs, like :attr:`outputs`.
+        Args:
+            inputs: One tensor per activation input.
+            params: Parameters to use instead of the call's own, by local name.
+            hold_statistics: Hold the statistics of normalisations at their recorded values (the divisor of a
+                LayerNorm or RMSNorm, see :mod:`lrpfunc._normalization`): the replayed function is then affine in the
+                inputs. Operations without such statistics replay as they are.
+
+        Returns:
+            The floating-point outputs, like :attr:`outputs`.
         """
         merged = dict(self.params) if params is None else {**self.params, **params}
+        if hold_statistics:
+            return self._forward(tuple(inputs), merged, True)
         return self._forward(tuple(inputs), merged)
 
     def pullback(self, grad_outputs: Sequence[Tensor]) -> tuple[Tensor, ...]:

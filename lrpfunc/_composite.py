@@ -1,39 +1,36 @@
-"""Call sites, composites and the table a composite resolves to."""
+"""Call sites, composites, and the table a composite resolves to."""
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, Union, runtime_checkable
 
 import torch
 
-from ._record import Record
-from ._sweep import Rule, op_site_name
+__all__ = ["CallSite", "Composite", "RuleTable", "Matcher", "Entries", "resolver_of", "rule_name"]
 
-__all__ = ["CallSite", "Composite", "RuleTable", "call_sites", "Matcher", "Entries"]
-
-#: What a composite entry matches: a module class, an operation label class (:mod:`lrpfunc.types`),
-#: or a torch function (``torch.add``, ``torch.Tensor.add``, ``torch.nn.functional.relu``).
+#: What a composite entry matches: a module class (or a duck type from :mod:`lrpfunc.types`), an operation class
+#: (:mod:`lrpfunc.ops`), a label class a canonizer attaches (:class:`lrpfunc.types.Sum`), or a torch function
+#: (``torch.add``, ``torch.Tensor.add``, ``torch.nn.functional.relu``).
 Matcher = Union[type, Callable[..., Any]]
-Entries = Sequence[tuple[Union[Matcher, Sequence[Matcher]], Rule]]
+Entries = Sequence[tuple[Union[Matcher, Sequence[Matcher]], Any]]
 
 
 @dataclass(frozen=True, eq=False)
 class CallSite:
-    """One place where a rule can attach: a module call or a functional operation.
+    """One place where a rule can attach: a module call or an operation on activations.
 
     Attributes:
         kind: ``"module"`` or ``"op"``.
-        index: The span id (module) or operation index (op) in the record.
+        index: The module call's or the operation's position among all module calls or operations.
         name: Qualified module name (``"layer1.0.conv1"``) or ``"<module>/<operation>"`` for operations.
         module: The module called (``None`` for operations).
         func: The torch function called (``None`` for modules).
         label: A type a canonizer attached to an operation, e.g. :class:`lrpfunc.types.Sum`.
         call_index: How many earlier calls the same module had.
-        order: Position in execution order among all sites.
+        order: Position in execution order among the sites.
+        op_class: The operation class (:mod:`lrpfunc.ops`) of an operation; ``None`` for modules.
     """
 
     kind: str
@@ -44,9 +41,11 @@ class CallSite:
     label: type | None
     call_index: int
     order: int
+    op_class: type | None = None
 
     def matches(self, matchers: Matcher | Sequence[Matcher]) -> bool:
-        """Whether this site is an instance of (or labelled as, or calls) any of ``matchers``."""
+        """Whether this site is an instance of (or is labelled as, or is of the operation class of, or calls) any
+        of ``matchers``."""
         if not isinstance(matchers, (tuple, list)):
             matchers = (matchers,)
         for matcher in matchers:
@@ -55,16 +54,15 @@ class CallSite:
                     return True
                 if self.label is not None and issubclass(self.label, matcher):
                     return True
+                if self.op_class is not None and issubclass(self.op_class, matcher):
+                    return True
             elif self.func is not None and self.func is matcher:
                 return True
         return False
 
     def describe(self) -> str:
-        """E.g. ``Conv2d 'features.0'`` or ``operation add 'layer1.0/add' [Sum]``."""
-        if self.module is not None:
-            kind = type(self.module).__name__
-        else:
-            kind = "operation"
+        """E.g. ``Conv2d 'features.0'`` or ``operation 'layer1.0/add' [Sum]``."""
+        kind = type(self.module).__name__ if self.module is not None else "operation"
         label = f" [{self.label.__name__}]" if self.label is not None else ""
         call = f" (call {self.call_index + 1})" if self.call_index else ""
         return f"{kind} '{self.name}'{call}{label}"
@@ -72,28 +70,23 @@ class CallSite:
 
 @runtime_checkable
 class Composite(Protocol):
-    """Assigns rules to call sites. ``resolve`` gets every site in execution order and returns one rule
-    (or ``None``) per site. Composites are values: they keep no state between calls."""
+    """Assigns rules to call sites. ``resolve`` gets every site in execution order and returns one rule (or
+    ``None``) per site. Composites are values: they keep no state between calls.
 
-    def resolve(self, sites: Sequence[CallSite]) -> list[Rule | None]: ...
+    A composite may also define ``resolver()``, returning a function that takes the sites one at a time, in
+    execution order, and returns each one's rule: then the rules are known while the forward pass runs, and a
+    call whose rule replays its own forward pass records no pullback (the fast path). All composites of
+    :mod:`lrpfunc.composites` do; a composite with only ``resolve`` costs a second forward pass that lists the
+    sites first.
+    """
+
+    def resolve(self, sites: Sequence[CallSite]) -> list[Any]: ...
 
 
-def call_sites(record: Record) -> list[CallSite]:
-    """Every module call and every operation on activations of ``record``, in execution order."""
-    sites: list[tuple[tuple[float, int, int], CallSite]] = []
-    for span in record.spans:
-        if span.removed:
-            continue
-        first = span.nodes[0] if span.nodes else math.inf
-        site = CallSite("module", span.sid, span.name, span.module, None, None, span.call_index, 0)
-        sites.append(((first, 0, span.sid), site))
-    for index, node in enumerate(record.nodes):
-        if node.pullback is None:
-            continue
-        site = CallSite("op", index, op_site_name(record, node), None, node.func, node.label, 0, 0)
-        sites.append(((index, 1, 0), site))
-    sites.sort(key=lambda item: item[0])
-    return [dataclasses.replace(site, order=order) for order, (_, site) in enumerate(sites)]
+def resolver_of(composite: Any) -> Callable[[CallSite], Any] | None:
+    """A fresh streaming resolver of the composite, or ``None`` if it only resolves whole lists of sites."""
+    make = getattr(composite, "resolver", None)
+    return make() if callable(make) else None
 
 
 def rule_name(rule: Any) -> str:
@@ -105,26 +98,47 @@ def rule_name(rule: Any) -> str:
     )
 
 
+def _class_name(site: CallSite) -> str:
+    return site.op_class.__name__ if site.op_class is not None else ""
+
+
 @dataclass(frozen=True)
 class RuleTable:
-    """The rule of each call site, as a composite resolved it. ``print(table)`` shows it."""
+    """The rule of each call site, as a composite resolved it. ``print(table)`` shows it.
 
-    rows: tuple[tuple[CallSite, Rule | None], ...]
+    Sites inside a call that has a rule are covered by it (they get no rule of their own); they are listed with
+    ``covered by ...`` in place of a rule.
+    """
 
-    def __iter__(self) -> Iterable[tuple[CallSite, Rule | None]]:  # type: ignore[override]
+    rows: tuple[tuple[CallSite, Any], ...]
+    covered: tuple[str | None, ...] = ()
+
+    def __iter__(self) -> Iterator[tuple[CallSite, Any]]:  # type: ignore[override]
         return iter(self.rows)
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def rule_of(self, name: str, call_index: int = 0) -> Rule | None:
+    def rule_of(self, name: str, call_index: int = 0) -> Any:
         """The rule of the site called ``name`` (and its ``call_index``-th call); ``KeyError`` if absent."""
         for site, rule in self.rows:
             if site.name == name and site.call_index == call_index:
                 return rule
         raise KeyError(f"no call site named {name!r} (call {call_index + 1}) in this table")
 
+    def covered_by(self, name: str, call_index: int = 0) -> str | None:
+        """What covers the site called ``name`` (a ruled call's name), or ``None`` if it is not covered."""
+        for (site, _), by in zip(self.rows, self.covered or (None,) * len(self.rows)):
+            if site.name == name and site.call_index == call_index:
+                return by
+        raise KeyError(f"no call site named {name!r} (call {call_index + 1}) in this table")
+
     def __str__(self) -> str:
-        lines = [(site.describe(), rule_name(rule)) for site, rule in self.rows]
-        width = max((len(left) for left, _ in lines), default=0)
-        return "\n".join(f"{left.ljust(width)}  {right}" for left, right in lines)
+        covered = self.covered or (None,) * len(self.rows)
+        lines = [
+            (site.describe(), _class_name(site), rule_name(rule) if by is None else f"(covered by {by})")
+            for (site, rule), by in zip(self.rows, covered)
+        ]
+        left = max((len(a) for a, _, _ in lines), default=0)
+        middle = max((len(b) for _, b, _ in lines), default=0)
+        return "\n".join(f"{a.ljust(left)}  {b.ljust(middle)}  {c}".rstrip() for a, b, c in lines)

@@ -1,117 +1,287 @@
-"""The modified backward pass: a reverse sweep over the record, sending each cotangent through the true
-pullback of an operation or through the rule of a call.
+"""The modified backward pass: a reverse sweep over a :class:`~lrpfunc._trace.Trace`.
 
-Everything here is ordinary torch code running at the caller's ``torch.func`` level, so the outer
-transforms differentiate, batch and take Jacobians of the sweep like of any other function.
+Cotangents are kept by value id. A cut value (an input, a ruled call's output, an observed value) keeps its own
+cotangent; any other activation lies inside a *piece* of the tape, and a cotangent arriving there waits as a
+pending sink of the piece. Before a ruled call is processed, the pieces that read its outputs are flushed: one
+:func:`torch.autograd.grad` from their pending sinks to their leaves (the lifted cut values). This is complete,
+because every step that reads those outputs comes later in execution order and has already been processed.
+
+Everything here runs at the caller's level: outer ``torch.func`` transforms differentiate, batch and take
+Jacobians of the sweep like of any other function.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
+from . import _normalization
+from . import ops as _ops
 from ._call import Call, Propagated, RuleError
-from ._record import OpNode, Record, Span
+from ._trace import Node, Observation, OpStep, Ref, RuledCall, Trace, unflatten_call
 
 Tensor = torch.Tensor
 
-__all__ = ["Rule", "Step", "plan", "sweep", "span_call", "op_call"]
+__all__ = ["Rule", "sweep", "Observer", "rule_name"]
 
 
 class Rule(Protocol):
     """A rule rewrites the vector-Jacobian product of one call.
 
-    Called with the :class:`~lrpfunc.Call` and the cotangents of its outputs, it returns the cotangents
-    of the call's inputs, either as a tuple (one per input) or as a :class:`~lrpfunc.Propagated` that
-    also carries a relevance for each parameter.
+    Called with the :class:`~lrpfunc.Call` and the cotangents of its outputs, it returns the cotangents of the
+    call's inputs, either as a tuple (one per input) or as a :class:`~lrpfunc.Propagated` that also carries a
+    relevance for each parameter. A rule may say ``needs_pullback = False`` (it never calls ``call.pullback``),
+    which lets the tracer run the call without recording its true pullback.
     """
 
-    def __call__(
-        self, call: Call, grad_outputs: tuple[Tensor, ...], /
-    ) -> Sequence[Tensor | None] | Propagated: ...
+    def __call__(self, call: Call, grad_outputs: tuple[Tensor, ...], /) -> Sequence[Tensor | None] | Propagated: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Step:
-    """One step of the reverse sweep: an operation's true pullback, or a rule applied to a call."""
+class Observer(Protocol):
+    """Sees (and may replace) the relevance arriving at an observed module's outputs."""
 
-    inputs: tuple[int, ...]
-    outputs: tuple[int, ...]
-    node: int | None = None
-    span: int | None = None
-    rule: Rule | None = None
+    def __call__(self, name: str, position: int, relevance: Tensor) -> Tensor: ...
 
 
-def plan(record: Record, span_rules: Mapping[int, Rule], op_rules: Mapping[int, Rule]) -> list[Step]:
-    """The steps of the sweep in forward order: a rule on a call replaces the operations it ran."""
-    steps: list[Step] = []
-    for index, node in enumerate(record.nodes):
-        ruled = next((sid for sid in node.spans if sid in span_rules), None)
-        if ruled is not None:
-            span = record.spans[ruled]
-            if span.nodes[-1] == index:
-                steps.append(Step(span.inputs, span.outputs, span=ruled, rule=span_rules[ruled]))
-        elif node.pullback is not None:
-            steps.append(Step(node.inputs, node.outputs, node=index, rule=op_rules.get(index)))
-    return steps
-
-
-def _accumulate(cotangents: dict[int, Tensor], vid: int, value: Tensor) -> None:
-    previous = cotangents.get(vid)
-    cotangents[vid] = value if previous is None else previous + value
-
-
-def sweep(
-    record: Record,
-    steps: Sequence[Step],
-    seeds: Mapping[int, Tensor],
-    *,
-    wants_param_relevance: bool = False,
-    param_relevance: dict[str, Tensor] | None = None,
-) -> dict[int, Tensor]:
-    """Propagate ``seeds`` (cotangents by value id) backwards through ``steps``.
-
-    Returns the cotangents of every value reached that no step consumed (the inputs of the sweep).
-    """
-    cotangents = dict(seeds)
-    tensors = record.tensors
-    for step in reversed(steps):
-        grads = [cotangents.pop(vid, None) for vid in step.outputs]
-        if all(grad is None for grad in grads):
-            continue
-        grad_outputs = tuple(
-            torch.zeros_like(tensors[vid]) if grad is None else grad for vid, grad in zip(step.outputs, grads)
-        )
-        if step.rule is None:
-            grad_inputs: Sequence[Tensor | None] = record.nodes[step.node].pullback(grad_outputs)  # type: ignore[index,misc]
-        else:
-            call = (
-                span_call(record, step.span, wants_param_relevance)
-                if step.span is not None
-                else op_call(record, step.node, wants_param_relevance)  # type: ignore[arg-type]
-            )
-            grad_inputs = _apply_rule(step.rule, call, grad_outputs, record, step, param_relevance)
-        for vid, grad in zip(step.inputs, grad_inputs):
-            if grad is not None:
-                _accumulate(cotangents, vid, grad)
-    return cotangents
-
-
-def _rule_name(rule: Any) -> str:
+def rule_name(rule: Any) -> str:
     return getattr(rule, "name", None) or getattr(rule, "__name__", None) or type(rule).__name__
 
 
+def _accumulate(store: dict[Any, Tensor], key: Any, value: Tensor) -> None:
+    previous = store.get(key)
+    store[key] = value if previous is None else previous + value
+
+
+def sweep(
+    trace: Trace,
+    seeds: Sequence[tuple[int, Tensor]],
+    *,
+    param_relevance: dict[str, Tensor] | None = None,
+    observer: Observer | None = None,
+    observed_seeds: Mapping[str, Tensor] | None = None,
+) -> dict[int, Tensor]:
+    """Propagate ``seeds`` (value id, cotangent) backwards through the trace; returns the cotangents of the cut
+    values that no step consumed (the inputs).
+
+    Args:
+        trace: The recorded forward pass.
+        seeds: Cotangents of output values.
+        param_relevance: If given, filled with the relevance of each parameter (by qualified name).
+        observer: Called at each observation with the relevance arriving there; its result propagates on.
+        observed_seeds: Relevance added at observations, by observation name (a sweep that starts inside).
+    """
+    tape = trace.tape
+    cut, origin, leaf_of = trace.cut, trace.origin, trace.leaf_of
+    piece_of, piece_leaves = trace.piece_of, trace.piece_leaves
+    tensors = trace.tensors
+    cot: dict[int, Tensor] = {}
+    pending: dict[int, dict[int, Tensor]] = {}
+
+    def sink(vid: int, value: Tensor) -> None:
+        _accumulate(pending.setdefault(trace.find(piece_of[vid]), {}), vid, value)
+
+    def add(vid: int, value: Tensor) -> None:
+        vid = origin.get(vid, vid)
+        if vid in cut:
+            _accumulate(cot, vid, value)
+        else:
+            sink(vid, value)
+
+    def flush(root: int) -> None:
+        sinks = pending.pop(root, None)
+        if not sinks:
+            return
+        leaves = piece_leaves[root]
+        grads = tape.pullback([tensors[vid] for vid in sinks], [leaf for _, leaf in leaves], list(sinks.values()))
+        for (source, _), grad in zip(leaves, grads):
+            if grad is not None:
+                _accumulate(cot, source, grad)
+
+    def complete(vid: int) -> None:
+        leaf = leaf_of.get(vid)
+        if leaf is not None:
+            flush(trace.find(piece_of[leaf]))
+
+    for vid, value in seeds:
+        add(vid, value)
+    wants_params = param_relevance is not None
+    for step in reversed(trace.steps):
+        if type(step) is RuledCall:
+            for vid in step.outputs:
+                complete(vid)
+            grads = [cot.pop(vid, None) for vid in step.outputs]
+            if all(grad is None for grad in grads):
+                continue
+            grad_outputs = tuple(
+                torch.zeros_like(trace.low[vid]) if grad is None else grad for vid, grad in zip(step.outputs, grads)
+            )
+            call = make_call(trace, step, wants_params)
+            results = _apply_rule(trace, step, call, grad_outputs, param_relevance)
+            for vid, grad in zip(step.inputs, results):
+                if grad is not None:
+                    add(vid, grad)
+        elif type(step) is Observation:
+            for position, (vid, push) in enumerate(zip(step.vids, step.push)):
+                complete(vid)
+                if observed_seeds is not None and step.name in observed_seeds:
+                    seed = observed_seeds[step.name]
+                    _accumulate(cot, vid, seed if len(step.vids) == 1 else seed[position])
+                if observer is not None:
+                    arriving = cot.get(vid)
+                    if arriving is None:
+                        arriving = torch.zeros_like(trace.low[vid])
+                    cot[vid] = observer(step.name, position, arriving)
+                if push and vid in cot:
+                    sink(vid, cot.pop(vid))
+        else:
+            assert type(step) is OpStep
+            grads = [cot.pop(vid, None) for vid in step.outputs]
+            if all(grad is None for grad in grads):
+                continue
+            grad_outputs = tuple(
+                torch.zeros_like(tensors[vid]) if grad is None else grad for vid, grad in zip(step.outputs, grads)
+            )
+            for vid, grad in zip(step.inputs, step.pullback(grad_outputs)):
+                if grad is not None:
+                    add(vid, grad)
+    for root in list(pending):
+        flush(root)
+    return cot
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the Call a rule receives
+# ------------------------------------------------------------------------------------------------------------
+
+
+def make_call(trace: Trace, step: RuledCall, wants_param_relevance: bool) -> Call:
+    """The :class:`~lrpfunc.Call` that the rule of ``step`` receives."""
+    low = trace.low
+    if step.params is not None:
+        params = step.params
+    else:
+        params = {local: low[vid] for local, vid in step.param_vids.items()}
+    site = step.site
+    return Call(
+        name=site.name,
+        module=step.module,
+        op=None if site.kind == "module" else site.name.rsplit("/", 1)[-1],
+        call_index=site.call_index,
+        inputs=tuple(low[vid] for vid in step.inputs),
+        outputs=tuple(low[vid] for vid in step.outputs),
+        params=params,
+        wants_param_relevance=wants_param_relevance,
+        _forward=_forward_of(trace, step),
+        _pullback=_pullback_of(trace, step),
+        op_class=step.op_class,
+        input_sources=tuple(step.input_sources),
+    )
+
+
+def _forward_of(trace: Trace, step: RuledCall) -> Callable[..., tuple[Tensor, ...]]:
+    if step.forward is not None:
+        return step.forward
+    nodes, inputs, outputs, param_vids, low = step.nodes, tuple(step.inputs), tuple(step.outputs), step.param_vids, trace.low
+
+    def forward(values: tuple[Tensor, ...], params: Mapping[str, Tensor], hold_statistics: bool = False) -> tuple[Tensor, ...]:
+        env: dict[int, Tensor] = dict(zip(inputs, values))
+        for local, value in params.items():
+            vid = param_vids.get(local)
+            if vid is not None:
+                env[vid] = value
+        if hold_statistics:
+            _replay_holding_statistics(nodes, env, low, values)
+        else:
+            for node in nodes:
+                node.bind(node.replay(env, low), env)
+        return tuple(env[vid] for vid in outputs)
+
+    return forward
+
+
+_LINEAR_CLASSES = (_ops.Linear, _ops.Sum, _ops.DataMovement)
+
+
+def _replay_holding_statistics(nodes: Sequence[Node], env: dict[int, Tensor], low: Mapping[int, Tensor],
+                               values: Sequence[Tensor]) -> None:
+    """Replay with the statistics of normalisations held at their recorded values.
+
+    A normalisation operation (``layer_norm``, ``group_norm``, ``rms_norm``, batch statistics) runs with its
+    divisor (standard deviation, root mean square) computed from its recorded input; written out by hand, a value
+    that depends nonlinearly on the call's input and has fewer elements than it (a variance, a ``rsqrt`` of a mean
+    square) takes its recorded value. What is left is affine in the input: the centring, the scale and the shift.
+    """
+    reference = max((value.numel() for value in values), default=0)
+    nonlinear: set[int] = set()
+    for node in nodes:
+        held = _normalization.HELD.get(node.func) if node.op_class is _ops.Normalization else None
+        if held is not None:
+            leaves = [(env[leaf.vid] if leaf.vid in env else low[leaf.vid]) if type(leaf) is Ref else leaf for leaf in node.leaves]
+            args, kwargs = unflatten_call(node.spec, leaves)
+            recorded = low[node.inputs[0]]
+            node.bind(held(recorded, *args, **kwargs), env)
+            continue
+        node.bind(node.replay(env, low), env)
+        op_class = node.op_class
+        is_nonlinear = not (op_class is not None and issubclass(op_class, _LINEAR_CLASSES)) or any(
+            vid in nonlinear for vid in node.inputs
+        )
+        if is_nonlinear:
+            for vid in node.outputs:
+                nonlinear.add(vid)
+                if env[vid].numel() < reference:
+                    env[vid] = low[vid]
+
+
+def _pullback_of(trace: Trace, step: RuledCall) -> Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]]:
+    tape, low = trace.tape, trace.low
+    inputs, outputs = tuple(step.inputs), tuple(step.outputs)
+
+    def unavailable(grad_outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        raise RuleError(
+            f"rule {rule_name(step.rule)} on {step.site.describe()} called call.pullback, but says needs_pullback=False, "
+            f"so the call ran without its true pullback; set needs_pullback = True on the rule"
+        )
+
+    if not step.needs_pullback:
+        return unavailable
+    if tape.per_op:
+        pullbacks = step.pullbacks
+
+        def pullback(grad_outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+            cot: dict[int, Tensor] = {}
+            for vid, grad in zip(outputs, grad_outputs):
+                _accumulate(cot, vid, grad)
+            for ins, outs, pull in reversed(pullbacks):
+                grads = [cot.pop(vid, None) for vid in outs]
+                if all(grad is None for grad in grads):
+                    continue
+                full = tuple(torch.zeros_like(low[vid]) if grad is None else grad for vid, grad in zip(outs, grads))
+                for vid, grad in zip(ins, pull(full)):
+                    if grad is not None:
+                        _accumulate(cot, vid, grad)
+            return tuple(cot[vid] if vid in cot else torch.zeros_like(low[vid]) for vid in inputs)
+
+        return pullback
+    tensors, lifted = trace.tensors, step.lifted
+
+    def pullback(grad_outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        grads = tape.pullback([tensors[vid] for vid in outputs], [lifted[vid] for vid in inputs], list(grad_outputs))
+        return tuple(torch.zeros_like(low[vid]) if grad is None else grad for vid, grad in zip(inputs, grads))
+
+    return pullback
+
+
 def _apply_rule(
-    rule: Rule,
+    trace: Trace,
+    step: RuledCall,
     call: Call,
     grad_outputs: tuple[Tensor, ...],
-    record: Record,
-    step: Step,
     param_relevance: dict[str, Tensor] | None,
-) -> Sequence[Tensor | None]:
+) -> tuple[Tensor | None, ...]:
+    rule = step.rule
     result = rule(call, grad_outputs)
     params: Mapping[str, Tensor] = {}
     if isinstance(result, Propagated):
@@ -121,103 +291,19 @@ def _apply_rule(
     result = tuple(result)
     if len(result) != len(call.inputs):
         raise RuleError(
-            f"rule {_rule_name(rule)} returned {len(result)} input relevance(s) for {call.describe()}, "
+            f"rule {rule_name(rule)} returned {len(result)} input relevance(s) for {call.describe()}, "
             f"which has {len(call.inputs)} activation input(s)"
         )
     for position, (grad, tensor) in enumerate(zip(result, call.inputs)):
         if grad is not None and grad.shape != tensor.shape:
             raise RuleError(
-                f"rule {_rule_name(rule)} returned a relevance of shape {tuple(grad.shape)} for input "
+                f"rule {rule_name(rule)} returned a relevance of shape {tuple(grad.shape)} for input "
                 f"{position} of {call.describe()}, expected shape {tuple(tensor.shape)}"
             )
     if param_relevance is not None and params:
-        prefix = f"{call.name}." if call.name else ""
-        span = record.spans[step.span] if step.span is not None else None
+        prefix = f"{call.name}." if call.name and call.module is not None else (f"{call.name}:" if call.name else "")
         for local, value in params.items():
-            vid = span.params.get(local) if span is not None and span.sid not in record.params_override else None
-            name = record.param_names.get(vid, prefix + local) if vid is not None else prefix + local
-            _accumulate(param_relevance, name, value)  # type: ignore[arg-type]
+            vid = step.param_vids.get(local) if step.forward is None else None
+            name = trace.param_names.get(vid) if vid is not None else None
+            _accumulate(param_relevance, name if name is not None else prefix + local, value)
     return result
-
-
-def _true_pullback(record: Record, node_ids: Sequence[int], inputs: tuple[int, ...], outputs: tuple[int, ...]) -> Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]]:
-    steps = [
-        Step(record.nodes[i].inputs, record.nodes[i].outputs, node=i)
-        for i in node_ids
-        if record.nodes[i].pullback is not None
-    ]
-
-    def pullback(grad_outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        if len(steps) == 1 and steps[0].inputs == inputs and steps[0].outputs == outputs:
-            return tuple(record.nodes[steps[0].node].pullback(grad_outputs))  # type: ignore[index,misc]
-        cotangents = sweep(record, steps, dict(zip(outputs, grad_outputs)))
-        return tuple(
-            cotangents[vid] if vid in cotangents else torch.zeros_like(record.tensors[vid]) for vid in inputs
-        )
-
-    return pullback
-
-
-def _replay(record: Record, span: Span) -> Callable[[tuple[Tensor, ...], Mapping[str, Tensor]], tuple[Tensor, ...]]:
-    nodes = [record.nodes[i] for i in span.nodes]
-
-    def forward(inputs: tuple[Tensor, ...], params: Mapping[str, Tensor]) -> tuple[Tensor, ...]:
-        env: dict[int, Tensor] = dict(zip(span.inputs, inputs))
-        for local, value in params.items():
-            vid = span.params.get(local)
-            if vid is not None:
-                env[vid] = value
-        for node in nodes:
-            node.bind_outputs(node.replay(env, record.tensors), env)
-        return tuple(env[vid] for vid in span.outputs)
-
-    return forward
-
-
-def span_call(record: Record, sid: int, wants_param_relevance: bool = False) -> Call:
-    """The :class:`Call` that a rule on module call ``sid`` receives."""
-    span = record.spans[sid]
-    params = record.params_override.get(sid)
-    if params is None:
-        params = {local: record.tensors[vid] for local, vid in span.params.items()}
-    return Call(
-        name=span.name,
-        module=span.module,
-        op=None,
-        call_index=span.call_index,
-        inputs=tuple(record.tensors[vid] for vid in span.inputs),
-        outputs=tuple(record.tensors[vid] for vid in span.outputs),
-        params=params,
-        wants_param_relevance=wants_param_relevance,
-        _forward=span.forward or _replay(record, span),
-        _pullback=_true_pullback(record, span.nodes, span.inputs, span.outputs),
-    )
-
-
-def op_site_name(record: Record, node: OpNode) -> str:
-    """``"<enclosing module>/<operation>"``, e.g. ``"layer1.0/add"``."""
-    owner = record.spans[node.spans[-1]].name if node.spans else ""
-    return f"{owner}/{node.name}" if owner else node.name
-
-
-def op_call(record: Record, index: int, wants_param_relevance: bool = False) -> Call:
-    """The :class:`Call` that a rule on operation ``index`` receives."""
-    node = record.nodes[index]
-
-    def forward(inputs: tuple[Tensor, ...], params: Mapping[str, Tensor]) -> tuple[Tensor, ...]:
-        env = dict(zip(node.inputs, inputs))
-        node.bind_outputs(node.replay(env, record.tensors), env)
-        return tuple(env[vid] for vid in node.outputs)
-
-    return Call(
-        name=op_site_name(record, node),
-        module=None,
-        op=node.name,
-        call_index=0,
-        inputs=tuple(record.tensors[vid] for vid in node.inputs),
-        outputs=tuple(record.tensors[vid] for vid in node.outputs),
-        params={},
-        wants_param_relevance=wants_param_relevance,
-        _forward=forward,
-        _pullback=_true_pullback(record, [index], node.inputs, node.outputs),
-    )

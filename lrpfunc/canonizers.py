@@ -1,13 +1,17 @@
 """Canonizers: pure rewrites of the recorded function, never of the user's module.
 
-A canonizer has two optional parts, both of which see only lrpfunc's own per-call record:
+A canonizer acts on lrpfunc's own record of one forward pass:
 
-* ``replace_op(func)``: called for every torch function the forward pass runs; return a replacement
-  function to run (and record) instead, or ``None`` to keep it. This changes the forward pass on purpose
-  (:func:`softplus` replaces ReLU by softplus).
-* ``rewrite(record)``: called once after the forward pass to restructure the record without changing
-  its output: fold one call into another (:func:`merge_batchnorm`) or label operations so that
-  composites can give them rules (:func:`resnet` labels residual sums :class:`lrpfunc.types.Sum`).
+* ``replace_op(func)``: called for every torch function the forward pass runs; return a replacement function to
+  run (and record) instead, or ``None`` to keep it. Canonizers are applied in order: each one is offered what the
+  ones before it returned, so ``[softplus(10), another]`` lets ``another`` see (and replace) the softplus. This
+  changes the forward pass on purpose (:func:`softplus` replaces ReLU by softplus).
+* ``merges_batchnorm``: fold each eval-mode BatchNorm into the Linear/Conv call right before it
+  (:func:`merge_batchnorm`); the merged parameters are differentiable functions of the original ones.
+* ``labels_sums``: label sums of two same-shaped activations :class:`lrpfunc.types.Sum`, as Zennit's
+  ``ResNetCanonizer`` does (:func:`resnet`). The LRP composites give every sum of activations the sum rule by its
+  operation class anyway (:class:`lrpfunc.ops.Sum`); the label is for composites that match it.
+* ``rewrite(trace)``: called once after each forward pass with the private record of that pass, to inspect it.
 
 Writing your own: subclass :class:`Canonizer` as a frozen dataclass and override ``replace_op``::
 
@@ -18,23 +22,20 @@ Writing your own: subclass :class:`Canonizer` as a frozen dataclass and override
                 return lambda x, *args, **kwargs: torch.nn.functional.hardtanh(x)
             return None
 
-The record's parameters are the caller's parameters, so merged parameters are differentiable functions
-of the original ones: gradients w.r.t. ``params`` reach the original convolution and BatchNorm tensors.
+The record's parameters are the caller's parameters, so merged parameters are differentiable functions of the
+original ones: gradients w.r.t. ``params`` reach the original convolution and BatchNorm tensors.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import optree
 import torch
 import torch.nn.functional as F
 
-from . import types as _types
-from ._record import LazyParams, OpNode, Record, Ref, Span
+from ._lazy import LazyParams
 
 Tensor = torch.Tensor
 
@@ -42,139 +43,106 @@ __all__ = ["Canonizer", "merge_batchnorm", "resnet", "softplus", "MergeBatchNorm
 
 
 class Canonizer:
-    """Base class of canonizers; both methods do nothing by default."""
+    """Base class of canonizers; by default a canonizer changes nothing."""
+
+    #: Fold eval-mode BatchNorm into the layer before it while tracing.
+    merges_batchnorm: bool = False
+    #: Label sums of two same-shaped activations :class:`lrpfunc.types.Sum`.
+    labels_sums: bool = False
 
     def replace_op(self, func: Callable[..., Any]) -> Callable[..., Any] | None:
         """A function to run instead of ``func`` (same arguments), or ``None`` to keep ``func``."""
         return None
 
-    def rewrite(self, record: Record) -> None:
-        """Restructure the ``record`` of one forward pass in place (it belongs to this call only)."""
+    def rewrite(self, trace: Any) -> None:
+        """Called with the record of each forward pass (it belongs to that call only); for inspection."""
         return None
 
 
-def _arguments(record: Record, node: OpNode) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    leaves = [record.tensors[leaf.vid] if type(leaf) is Ref else leaf for leaf in node.leaves]
-    return optree.tree_unflatten(node.spec, leaves)
+def _scale_weight(layer: torch.nn.Module, weight: Tensor, scale: Tensor) -> Tensor:
+    """``weight`` with each output channel multiplied by ``scale`` (transposed convolutions keep their output
+    channels in dimension 1, per group)."""
+    if isinstance(layer, (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)):
+        groups = layer.groups
+        inputs, per_group = weight.shape[0], weight.shape[1]
+        kernel = weight.shape[2:]
+        grouped = weight.reshape(groups, inputs // groups, per_group, *kernel)
+        factor = scale.reshape(groups, 1, per_group, *([1] * len(kernel)))
+        return (grouped * factor).reshape(weight.shape)
+    return weight * scale.reshape(-1, *([1] * (weight.ndim - 1)))
 
 
-_BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
-_MERGEABLE = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+def merged_layer(
+    layer: torch.nn.Module,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    statistics: Mapping[str, Tensor | None],
+    eps: float,
+    nodes: Sequence[Any],
+    inputs: Sequence[int],
+    layer_output: int,
+    recorded: Mapping[int, Tensor],
+    param_vids: Mapping[str, int],
+) -> tuple[LazyParams, Callable[..., tuple[Tensor, ...]]]:
+    """Merged parameters of ``layer`` followed by a BatchNorm, and the forward of the merged call.
 
+    Definition:
+        For ``y = BN(W x + b)`` with running mean ``mu``, variance ``v``, ``eps``, scale ``g`` and shift ``beta``:
+        ``W' = W * g / sqrt(v + eps)`` (per output channel) and ``b' = (b - mu) * g / sqrt(v + eps) + beta``.
+    """
+    if weight is None:
+        raise ValueError(f"merge_batchnorm: {type(layer).__name__} has no weight to fold a BatchNorm into")
 
-def _producer(record: Record, vid: int) -> Span | None:
-    """The innermost live Linear/Conv call whose single output is ``vid`` and whose last operation made it."""
-    for span in reversed(record.spans):
-        if (
-            not span.removed
-            and isinstance(span.module, _MERGEABLE)
-            and span.outputs == (vid,)
-            and span.nodes
-            and vid in record.nodes[span.nodes[-1]].outputs
-        ):
-            return span
-    return None
+    def merged() -> dict[str, Tensor]:
+        mean, var = statistics["running_mean"], statistics["running_var"]
+        assert mean is not None and var is not None
+        scale = (var + eps) ** -0.5
+        if statistics["weight"] is not None:
+            scale = statistics["weight"] * scale
+        merged_bias = (-mean if bias is None else bias - mean) * scale
+        if statistics["bias"] is not None:
+            merged_bias = merged_bias + statistics["bias"]
+        return {"weight": _scale_weight(layer, weight, scale), "bias": merged_bias}
 
+    layer_nodes, layer_inputs = tuple(nodes), tuple(inputs)
+    weight_vid, bias_vid = param_vids.get("weight"), param_vids.get("bias")
 
-def _replay_fixed(record: Record, span: Span) -> Callable[[tuple[Tensor, ...], Mapping[str, Tensor]], Tensor]:
-    """Replay of ``span`` as it is now (before it is merged), returning its single output."""
-    nodes = [record.nodes[i] for i in span.nodes]
-    inputs, params, (output,) = span.inputs, dict(span.params), span.outputs
-    tensors = record.tensors  # not the record: span.forward must not close a reference cycle through it
+    def forward(values: tuple[Tensor, ...], params: Mapping[str, Tensor], hold_statistics: bool = False) -> tuple[Tensor, ...]:
+        env: dict[int, Tensor] = dict(zip(layer_inputs, values))
+        if weight_vid is not None:
+            env[weight_vid] = params["weight"]
+        if bias_vid is not None:
+            env[bias_vid] = params["bias"]
+        for node in layer_nodes:
+            node.bind(node.replay(env, recorded), env)
+        output = env[layer_output]
+        if bias_vid is None:
+            output = output + params["bias"].reshape(-1, *([1] * (output.ndim - 2)))
+        return (output,)
 
-    def forward(values: tuple[Tensor, ...], new_params: Mapping[str, Tensor]) -> Tensor:
-        env: dict[int, Tensor] = dict(zip(inputs, values))
-        for local, value in new_params.items():
-            if local in params:
-                env[params[local]] = value
-        for node in nodes:
-            node.bind_outputs(node.replay(env, tensors), env)
-        return env[output]
-
-    return forward
+    return LazyParams(("weight", "bias"), merged), forward
 
 
 @dataclass(frozen=True)
 class MergeBatchNorm(Canonizer):
     """See :func:`merge_batchnorm`."""
 
-    def rewrite(self, record: Record) -> None:
-        consumers = record.consumers()
-        for bn in record.spans:
-            if bn.removed or not isinstance(bn.module, _types.BatchNorm):
-                continue
-            # the batch_norm call; training mode also runs a static num_batches_tracked update
-            active = [index for index in bn.nodes if record.nodes[index].pullback is not None]
-            if len(active) != 1 or len(bn.inputs) != 1 or len(bn.outputs) != 1:
-                continue
-            node = record.nodes[active[0]]
-            if node.func is not F.batch_norm:
-                continue
-            args, kwargs = _arguments(record, node)
-            bound = _BATCH_NORM_SIGNATURE.bind(*args, **kwargs)
-            bound.apply_defaults()
-            arguments = bound.arguments
-            (vid,) = bn.inputs
-            layer = _producer(record, vid)
-            if layer is None or consumers.get(vid) != active:
-                continue
-            if arguments["training"]:
-                raise ValueError(
-                    f"merge_batchnorm: {type(bn.module).__name__} '{bn.name}' runs in training mode (batch "
-                    f"statistics), which cannot be folded into '{layer.name}'. Call model.eval() first, or "
-                    f"attribute without merge_batchnorm."
-                )
-            self._merge(record, layer, bn, arguments)
-
-    @staticmethod
-    def _merge(record: Record, layer: Span, bn: Span, arguments: Mapping[str, Any]) -> None:
-        weight = record.tensors[layer.params["weight"]]
-        bias = record.tensors[layer.params["bias"]] if "bias" in layer.params else None
-
-        def merged() -> dict[str, Tensor]:
-            mean, var, eps = arguments["running_mean"], arguments["running_var"], arguments["eps"]
-            scale = (var + eps) ** -0.5
-            if arguments["weight"] is not None:
-                scale = arguments["weight"] * scale
-            merged_bias = (-mean if bias is None else bias - mean) * scale
-            if arguments["bias"] is not None:
-                merged_bias = merged_bias + arguments["bias"]
-            return {"weight": weight * scale.reshape(-1, *([1] * (weight.ndim - 1))), "bias": merged_bias}
-
-        original = _replay_fixed(record, layer)
-        has_bias = bias is not None
-
-        def forward(inputs: tuple[Tensor, ...], params: Mapping[str, Tensor]) -> tuple[Tensor, ...]:
-            if has_bias:
-                return (original(inputs, {"weight": params["weight"], "bias": params["bias"]}),)
-            output = original(inputs, {"weight": params["weight"]})
-            channel_bias = params["bias"]
-            if output.ndim > 2:
-                channel_bias = channel_bias.reshape(-1, *([1] * (output.ndim - 2)))
-            return (output + channel_bias,)
-
-        layer.nodes = layer.nodes + bn.nodes
-        layer.outputs = bn.outputs
-        layer.forward = forward
-        bn.removed = True
-        for index in bn.nodes:
-            node = record.nodes[index]
-            node.spans = tuple(layer.sid if sid == bn.sid else sid for sid in node.spans)
-        record.params_override[layer.sid] = LazyParams(("weight", "bias"), merged)
+    merges_batchnorm = True
 
 
 def merge_batchnorm() -> MergeBatchNorm:
-    """Fold each eval-mode BatchNorm into the Linear/Conv call right before it in execution order.
+    """Fold each eval-mode BatchNorm into the Linear/Conv/ConvTranspose call right before it in execution order.
 
     Definition:
         For ``y = BN(W x + b)`` with running mean ``mu``, variance ``v``, ``eps``, scale ``g`` and shift ``beta``:
         ``W' = W * g / sqrt(v + eps)`` (per output channel) and ``b' = (b - mu) * g / sqrt(v + eps) + beta``.
-        The rule of the layer then sees ``W'``, ``b'`` and the BatchNorm's output; the BatchNorm is no call
-        site of its own. The forward output is the model's own (unchanged), and ``W'``, ``b'`` are
-        differentiable functions of the original parameters.
+        The rule of the layer then sees ``W'``, ``b'`` and the BatchNorm's output; the BatchNorm is no call site
+        of its own. The forward output is the model's own (unchanged), and ``W'``, ``b'`` are differentiable
+        functions of the original parameters.
 
-    A BatchNorm is merged when its input is the single output of a Linear or Conv1d/2d/3d call and nothing
-    else reads that output.
+    A BatchNorm is merged when its input is the single output of a Linear, Conv1d/2d/3d or ConvTranspose1d/2d/3d
+    call and nothing else reads that output. Buffers-only BatchNorms (torchvision's ``FrozenBatchNorm2d``, found
+    by :data:`lrpfunc.types.FrozenBatchNorm`) are merged from their buffers.
 
     Raises:
         ValueError: At attribution time, for a BatchNorm in training mode that would be merged.
@@ -182,28 +150,20 @@ def merge_batchnorm() -> MergeBatchNorm:
     return MergeBatchNorm()
 
 
-_ADD_FUNCS = {"add"}
-
-
 @dataclass(frozen=True)
 class ResNet(Canonizer):
     """See :func:`resnet`."""
 
-    def rewrite(self, record: Record) -> None:
-        MergeBatchNorm().rewrite(record)
-        for node in record.nodes:
-            if node.name in _ADD_FUNCS and len(node.inputs) == 2 and len(node.outputs) == 1:
-                first, second = (record.tensors[vid] for vid in node.inputs)
-                alpha = _arguments(record, node)[1].get("alpha", 1)
-                if first.shape == second.shape and alpha == 1:
-                    node.label = _types.Sum
+    merges_batchnorm = True
+    labels_sums = True
 
 
 def resnet() -> ResNet:
-    """ResNet canonizer: :func:`merge_batchnorm`, and every sum of two activations of the same shape (the
-    residual ``out += identity``) labelled :class:`lrpfunc.types.Sum`, which the LRP composites propagate
-    with :func:`lrpfunc.rules.norm`: ``R_a = a R / s(a + b)``, ``R_b = b R / s(a + b)``. This matches Zennit's
-    ``ResNetCanonizer`` on torchvision-layout blocks, without importing torchvision.
+    """ResNet canonizer: :func:`merge_batchnorm`, and every sum of two activations of the same shape (the residual
+    ``out += identity``) labelled :class:`lrpfunc.types.Sum`, which the LRP composites propagate with
+    :func:`lrpfunc.rules.norm`: ``R_a = a R / s(a + b)``, ``R_b = b R / s(a + b)``. This matches Zennit's
+    ``ResNetCanonizer`` on torchvision-layout blocks, without importing torchvision. The LRP composites give every
+    sum of activations this rule by its operation class even without the canonizer.
     """
     return ResNet()
 

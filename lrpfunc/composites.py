@@ -9,17 +9,20 @@ composite resolves to for a model.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from . import ops as _ops
 from . import rules as _rules
 from . import types as _types
-from ._composite import CallSite, Composite, Entries, Matcher
+from ._composite import CallSite, Composite, Entries, Matcher, resolver_of
 from ._stabilize import StabilizerLike
-from ._sweep import Rule
+
+Rule = Any
 
 __all__ = [
     "Composite",
@@ -37,6 +40,8 @@ __all__ = [
     "excitation_backprop",
     "deconvnet",
     "beta_smooth",
+    "attnlrp",
+    "cp_lrp",
 ]
 
 ZeroParams = str | Sequence[str] | None
@@ -73,6 +78,9 @@ class LayerMap:
     def rule_for(self, site: CallSite) -> Rule | None:
         return next((rule for matchers, rule in self.entries if site.matches(matchers)), None)
 
+    def resolver(self) -> Callable[[CallSite], Rule | None]:
+        return self.rule_for
+
     def resolve(self, sites: Sequence[CallSite]) -> list[Rule | None]:
         return [self.rule_for(site) for site in sites]
 
@@ -83,8 +91,18 @@ class NameMap:
 
     entries: tuple[tuple[tuple[str, ...], Rule], ...]
 
+    def rule_for(self, site: CallSite) -> Rule | None:
+        return next((rule for names, rule in self.entries if site.name in names), None)
+
+    def resolver(self) -> Callable[[CallSite], Rule | None]:
+        return self.rule_for
+
     def resolve(self, sites: Sequence[CallSite]) -> list[Rule | None]:
-        return [next((rule for names, rule in self.entries if site.name in names), None) for site in sites]
+        return [self.rule_for(site) for site in sites]
+
+
+def _resolve_with(resolve: Callable[[CallSite], Rule | None], sites: Sequence[CallSite]) -> list[Rule | None]:
+    return [resolve(site) for site in sites]
 
 
 @dataclass(frozen=True)
@@ -94,7 +112,29 @@ class FirstLayerMap:
     first: LayerMap
     rest: Composite
 
+    def resolver(self) -> Callable[[CallSite], Rule | None] | None:
+        rest = resolver_of(self.rest)
+        if rest is None:
+            return None
+        first = self.first.rule_for
+        found = False
+
+        def resolve(site: CallSite) -> Rule | None:
+            nonlocal found
+            rule = rest(site)
+            if not found:
+                first_rule = first(site)
+                if first_rule is not None:
+                    found = True
+                    return first_rule
+            return rule
+
+        return resolve
+
     def resolve(self, sites: Sequence[CallSite]) -> list[Rule | None]:
+        streaming = self.resolver()
+        if streaming is not None:
+            return _resolve_with(streaming, sites)
         resolved = list(self.rest.resolve(sites))
         for index, site in enumerate(sites):
             rule = self.first.rule_for(site)
@@ -110,7 +150,25 @@ class Mixed:
 
     composites: tuple[Composite, ...]
 
+    def resolver(self) -> Callable[[CallSite], Rule | None] | None:
+        parts = [resolver_of(composite) for composite in self.composites]
+        if any(part is None for part in parts):
+            return None
+
+        def resolve(site: CallSite) -> Rule | None:
+            found = None
+            for part in parts:
+                rule = part(site)  # type: ignore[misc]  # every part sees every site (a first-layer map counts them)
+                if found is None:
+                    found = rule
+            return found
+
+        return resolve
+
     def resolve(self, sites: Sequence[CallSite]) -> list[Rule | None]:
+        streaming = self.resolver()
+        if streaming is not None:
+            return _resolve_with(streaming, sites)
         resolved: list[Rule | None] = [None] * len(sites)
         for composite in self.composites:
             for index, rule in enumerate(composite.resolve(sites)):
@@ -156,15 +214,41 @@ def mixed(composites: Sequence[Composite]) -> Mixed:
     return Mixed(composites)
 
 
-def layer_map_base(stabilizer: StabilizerLike = 1e-6) -> list[tuple[tuple[Matcher, ...], Rule]]:
-    """The entries every LRP composite shares (Zennit's ``layer_map_base``): activations pass, sums and
-    average pools norm, BatchNorm (when not merged by a canonizer) pass."""
+def layer_map_base(stabilizer: StabilizerLike = 1e-6, *, zero_params: ZeroParams = None) -> list[tuple[tuple[Matcher, ...], Rule]]:
+    """The entries every LRP composite shares.
+
+    Zennit's ``layer_map_base`` (activation modules pass, sums and average pools norm, BatchNorm pass when not
+    merged by a canonizer), extended to operations by their class (:mod:`lrpfunc.ops`), so that functional
+    activations, residual sums, products, normalisations and softmax written without modules get their LRP rule:
+
+    - activations (modules and :class:`~lrpfunc.ops.Elementwise` operations): :func:`~lrpfunc.rules.passthrough`;
+    - sums of activations (:class:`~lrpfunc.ops.Sum`, and the resnet canonizer's label): :func:`~lrpfunc.rules.norm`;
+    - average pools (modules and operations) and resampling: :func:`~lrpfunc.rules.norm`;
+    - BatchNorm not merged (modules and eval-mode ``batch_norm`` operations): :func:`~lrpfunc.rules.passthrough`;
+    - products of activations: :func:`~lrpfunc.rules.uniform`;
+    - normalisation modules (LayerNorm, GroupNorm, RMSNorm, also hand-written ones found by duck typing) and
+      operations: :func:`~lrpfunc.rules.normalization`;
+    - softmax: :func:`~lrpfunc.rules.softmax`;
+    - sums over dimensions, scaling and shifting by constants: :func:`~lrpfunc.rules.epsilon`;
+    - fused attention: :func:`~lrpfunc.rules.attention` (decomposed into the operations above).
+    """
     return [
         (_types.Activation, _rules.passthrough()),
-        ((_types.Sum,), _rules.norm(stabilizer)),
-        (_types.AvgPool, _rules.norm(stabilizer)),
-        (_types.BatchNorm, _rules.passthrough()),
+        ((_types.Sum, _ops.Sum), _rules.norm(stabilizer)),
+        (_types.AvgPool + (_ops.AvgPool, _ops.Resample), _rules.norm(stabilizer)),
+        (_types.BatchNorm + _types.FrozenBatchNorm + (_ops.BatchNorm,), _rules.passthrough()),
+        (_types.Normalization + (_ops.Normalization,), _rules.normalization(stabilizer, zero_params)),
+        ((_ops.Elementwise,), _rules.passthrough()),
+        ((_ops.Product,), _rules.uniform(stabilizer)),
+        ((_ops.Softmax,), _rules.softmax()),
+        ((_ops.Reduction, _ops.Scale, _ops.Shift), _rules.epsilon(stabilizer, zero_params)),
+        ((_ops.Attention,), _rules.attention()),
     ]
+
+
+_DENSE = _types.Dense + (_ops.Dense,)
+_CONVOLUTION = _types.Convolution + (_ops.Convolution,)
+_LINEAR = _DENSE + _CONVOLUTION
 
 
 def _lrp(
@@ -173,8 +257,15 @@ def _lrp(
     body: list[tuple[tuple[Matcher, ...], Rule]],
     first: list[tuple[tuple[Matcher, ...], Rule]] | None,
     stabilizer: StabilizerLike,
+    zero_params: ZeroParams = None,
 ) -> Composite:
-    rest = LayerMap(_entries("composite", list(layer_entries or [])) + tuple(layer_map_base(stabilizer)) + tuple(body))
+    rest = LayerMap(
+        _entries("composite", list(layer_entries or []))
+        + tuple(layer_map_base(stabilizer, zero_params=zero_params))
+        + tuple(body)
+    )
+    if first is None and first_entries:
+        first = []
     if first is None:
         return rest
     return FirstLayerMap(LayerMap(_entries("composite", list(first_entries or [])) + tuple(first)), rest)
@@ -189,9 +280,9 @@ def epsilon_plus(
 ) -> Composite:
     """Convolutions z+, dense layers epsilon (Zennit's ``EpsilonPlus``). Entries in ``layer_map`` come first."""
     return _lrp(layer_map, None, [
-        (_types.Convolution, _rules.zplus(stabilizer, zero_params)),
-        (_types.Dense, _rules.epsilon(epsilon, zero_params)),
-    ], None, stabilizer)
+        (_CONVOLUTION, _rules.zplus(stabilizer, zero_params)),
+        (_DENSE, _rules.epsilon(epsilon, zero_params)),
+    ], None, stabilizer, zero_params)
 
 
 def epsilon_plus_flat(
@@ -204,9 +295,9 @@ def epsilon_plus_flat(
 ) -> Composite:
     """:func:`epsilon_plus` with flat on the first dense or convolutional layer (Zennit's ``EpsilonPlusFlat``)."""
     return _lrp(layer_map, first_map, [
-        (_types.Convolution, _rules.zplus(stabilizer, zero_params)),
-        (_types.Dense, _rules.epsilon(epsilon, zero_params)),
-    ], [(_types.Linear, _rules.flat(stabilizer, zero_params))], stabilizer)
+        (_CONVOLUTION, _rules.zplus(stabilizer, zero_params)),
+        (_DENSE, _rules.epsilon(epsilon, zero_params)),
+    ], [(_LINEAR, _rules.flat(stabilizer, zero_params))], stabilizer, zero_params)
 
 
 def epsilon_alpha2_beta1(
@@ -218,9 +309,9 @@ def epsilon_alpha2_beta1(
 ) -> Composite:
     """Convolutions alpha=2 beta=1, dense layers epsilon (Zennit's ``EpsilonAlpha2Beta1``)."""
     return _lrp(layer_map, None, [
-        (_types.Convolution, _rules.alpha_beta(2.0, 1.0, stabilizer, zero_params)),
-        (_types.Dense, _rules.epsilon(epsilon, zero_params)),
-    ], None, stabilizer)
+        (_CONVOLUTION, _rules.alpha_beta(2.0, 1.0, stabilizer, zero_params)),
+        (_DENSE, _rules.epsilon(epsilon, zero_params)),
+    ], None, stabilizer, zero_params)
 
 
 def epsilon_alpha2_beta1_flat(
@@ -233,9 +324,9 @@ def epsilon_alpha2_beta1_flat(
 ) -> Composite:
     """:func:`epsilon_alpha2_beta1` with flat on the first layer (Zennit's ``EpsilonAlpha2Beta1Flat``)."""
     return _lrp(layer_map, first_map, [
-        (_types.Convolution, _rules.alpha_beta(2.0, 1.0, stabilizer, zero_params)),
-        (_types.Dense, _rules.epsilon(epsilon, zero_params)),
-    ], [(_types.Linear, _rules.flat(stabilizer, zero_params))], stabilizer)
+        (_CONVOLUTION, _rules.alpha_beta(2.0, 1.0, stabilizer, zero_params)),
+        (_DENSE, _rules.epsilon(epsilon, zero_params)),
+    ], [(_LINEAR, _rules.flat(stabilizer, zero_params))], stabilizer, zero_params)
 
 
 def epsilon_gamma_box(
@@ -252,26 +343,25 @@ def epsilon_gamma_box(
     """ZBox on the first convolution, gamma on the other convolutions, epsilon on dense layers (Zennit's
     ``EpsilonGammaBox``)."""
     return _lrp(layer_map, first_map, [
-        (_types.Convolution, _rules.gamma(gamma, stabilizer, zero_params)),
-        (_types.Dense, _rules.epsilon(epsilon, zero_params)),
-    ], [(_types.Convolution, _rules.zbox(low, high, stabilizer, zero_params))], stabilizer)
+        (_CONVOLUTION, _rules.gamma(gamma, stabilizer, zero_params)),
+        (_DENSE, _rules.epsilon(epsilon, zero_params)),
+    ], [(_CONVOLUTION, _rules.zbox(low, high, stabilizer, zero_params))], stabilizer, zero_params)
 
 
 def guided_backprop(*, layer_map: Entries | None = None) -> Composite:
-    """Guided Backpropagation on every ReLU (Zennit's ``GuidedBackprop``)."""
-    return LayerMap(_entries("guided_backprop", list(layer_map or [])) + ((((torch.nn.ReLU,), _rules.relu_guided_backprop()),)))
+    """Guided Backpropagation on every ReLU, module or function (Zennit's ``GuidedBackprop``)."""
+    return LayerMap(_entries("guided_backprop", list(layer_map or [])) + ((_types.ReLU, _rules.relu_guided_backprop()),))
 
 
 def deconvnet(*, layer_map: Entries | None = None) -> Composite:
-    """DeconvNet on every ReLU (Zennit's ``DeconvNet``)."""
-    return LayerMap(_entries("deconvnet", list(layer_map or [])) + ((((torch.nn.ReLU,), _rules.relu_deconvnet()),)))
+    """DeconvNet on every ReLU, module or function (Zennit's ``DeconvNet``)."""
+    return LayerMap(_entries("deconvnet", list(layer_map or [])) + ((_types.ReLU, _rules.relu_deconvnet()),))
 
 
 def beta_smooth(beta_smooth: float = 10.0, *, layer_map: Entries | None = None) -> Composite:
-    """ReLU gradients replaced by softplus(beta_smooth) gradients (Zennit's ``BetaSmooth``)."""
-    return LayerMap(
-        _entries("beta_smooth", list(layer_map or [])) + ((((torch.nn.ReLU,), _rules.relu_beta_smooth(beta_smooth)),))
-    )
+    """ReLU gradients replaced by softplus(beta_smooth) gradients, for ReLU modules and functions (Zennit's
+    ``BetaSmooth``)."""
+    return LayerMap(_entries("beta_smooth", list(layer_map or [])) + ((_types.ReLU, _rules.relu_beta_smooth(beta_smooth)),))
 
 
 def excitation_backprop(
@@ -286,8 +376,58 @@ def excitation_backprop(
     return LayerMap(
         _entries("excitation_backprop", list(layer_map or []))
         + (
-            ((_types.Sum,), _rules.norm(stabilizer)),
-            (_types.AvgPool, _rules.norm(stabilizer)),
-            (_types.Linear, _rules.zplus(stabilizer, zero_params)),
+            ((_types.Sum, _ops.Sum), _rules.norm(stabilizer)),
+            (_types.AvgPool + (_ops.AvgPool,), _rules.norm(stabilizer)),
+            (_LINEAR, _rules.zplus(stabilizer, zero_params)),
         )
     )
+
+
+def attnlrp(
+    *,
+    epsilon: StabilizerLike = 1e-6,
+    stabilizer: StabilizerLike = 1e-6,
+    zero_params: ZeroParams = None,
+    layer_map: Entries | None = None,
+    first_map: Entries | None = None,
+) -> Composite:
+    """AttnLRP for transformers (Achtibat et al. 2024), on modules and operations alike.
+
+    Definition:
+        Epsilon on every linear layer (dense and convolutional, modules or functional, HuggingFace ``Conv1D``
+        included); the identity on element-wise nonlinearities; the sum rule on residual additions; the uniform
+        rule on products of activations (``q @ k^T``, ``A @ v``, gated MLPs); normalisation with its divisor held
+        constant (LayerNorm, RMSNorm, also hand-written); the softmax rule ``R_in = x * (R - s * sum(R))``; fused
+        attention (``F.scaled_dot_product_attention``, ``nn.MultiheadAttention``) decomposed into these operations,
+        so eager, sdpa and ``nn.MultiheadAttention`` attention give the same relevance. With epsilon -> 0 this is
+        what LXT computes as one backward pass of gradient times input. Entries of ``layer_map`` come first (e.g.
+        ``[(types.Linear + (ops.Dense, ops.Convolution), rules.gamma(0.25))]``, LXT's default for vision
+        transformers); ``first_map`` entries go to the first site in execution order that they match.
+
+    References:
+        Achtibat et al. (2024), AttnLRP: Attention-Aware Layer-Wise Relevance Propagation for Transformers, ICML.
+    """
+    return _lrp(layer_map, first_map, [(_LINEAR, _rules.epsilon(epsilon, zero_params))], None, stabilizer, zero_params)
+
+
+def cp_lrp(
+    *,
+    epsilon: StabilizerLike = 1e-6,
+    stabilizer: StabilizerLike = 1e-6,
+    zero_params: ZeroParams = None,
+    layer_map: Entries | None = None,
+    first_map: Entries | None = None,
+) -> Composite:
+    """CP-LRP for transformers (Ali et al. 2022): :func:`attnlrp` with attention weights and gates held constant.
+
+    Definition:
+        As :func:`attnlrp`, except that a product of activations gives all its relevance to the operands that are
+        not a gate: an operand produced by a softmax (attention weights) or an element-wise nonlinearity (the
+        activated gate of a gated MLP, a squeeze-excitation scale) receives none, so relevance flows through the
+        values only (:func:`~lrpfunc.rules.gated`).
+
+    References:
+        Ali et al. (2022), XAI for Transformers: Better Explanations through Conservative Propagation, ICML.
+    """
+    entries = list(layer_map or []) + [((_ops.Product,), _rules.gated(stabilizer))]
+    return _lrp(entries, first_map, [(_LINEAR, _rules.epsilon(epsilon, zero_params))], None, stabilizer, zero_params)

@@ -41,6 +41,11 @@ __all__ = [
     "relu_deconvnet",
     "relu_guided_backprop",
     "relu_beta_smooth",
+    "uniform",
+    "gated",
+    "softmax",
+    "normalization",
+    "attention",
     "identity",
 ]
 
@@ -209,7 +214,7 @@ def gamma(gamma: float = 0.25, stabilizer: StabilizerLike = 1e-6, zero_params: Z
     def mapper(grad: Tensor, outputs: Sequence[Tensor]) -> list[Tensor]:
         positive = (outputs[4] > 0.0) * grad / stab(outputs[0] + outputs[1])
         negative = (outputs[4] < 0.0) * grad / stab(outputs[2] + outputs[3])
-        return [positive, positive, negative, negative, torch.zeros_like(grad)]
+        return [positive, positive, negative, negative, None]  # the fifth output is only read for its sign
 
     def reducer(inputs: Sequence[Tensor], gradients: Sequence[Tensor]) -> Tensor:
         return default_reducer(inputs[:4], gradients[:4])
@@ -227,6 +232,7 @@ def gamma(gamma: float = 0.25, stabilizer: StabilizerLike = 1e-6, zero_params: Z
         gradient_mapper=mapper,
         reducer=reducer,
         name=f"gamma(gamma={gamma!r}{_zp(zero_params)})",
+        needs_pullback=False,
     )
 
 
@@ -369,6 +375,8 @@ def _single(rule: str, call: Call, grad_outputs: tuple[Tensor, ...]) -> None:
 
 @dataclass(frozen=True)
 class _Passthrough:
+    needs_pullback = False
+
     def __repr__(self) -> str:
         return "passthrough"
 
@@ -388,6 +396,8 @@ def passthrough() -> _Passthrough:
 
 @dataclass(frozen=True)
 class _ReLUDeconvNet:
+    needs_pullback = False
+
     def __repr__(self) -> str:
         return "relu_deconvnet"
 
@@ -410,6 +420,8 @@ def relu_deconvnet() -> _ReLUDeconvNet:
 
 @dataclass(frozen=True)
 class _ReLUGuidedBackprop:
+    needs_pullback = True
+
     def __repr__(self) -> str:
         return "relu_guided_backprop"
 
@@ -434,6 +446,7 @@ def relu_guided_backprop() -> _ReLUGuidedBackprop:
 @dataclass(frozen=True)
 class _ReLUBetaSmooth:
     beta_smooth: float
+    needs_pullback = False
 
     def __repr__(self) -> str:
         return f"relu_beta_smooth(beta_smooth={self.beta_smooth!r})"
@@ -454,3 +467,167 @@ def relu_beta_smooth(beta_smooth: float = 10.0) -> _ReLUBetaSmooth:
         Dombrowski et al. (2019), Explanations can be manipulated and geometry is to blame, NeurIPS.
     """
     return _ReLUBetaSmooth(float(beta_smooth))
+
+
+@dataclass(frozen=True)
+class _Uniform:
+    stabilizer: StabilizerLike
+    needs_pullback = True
+
+    def __repr__(self) -> str:
+        return "uniform"
+
+    def __call__(self, call: Call, grad_outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        _one_output("uniform", call, grad_outputs)
+        stab = ensure_stabilizer(self.stabilizer)
+        (output,), (grad,) = call.outputs, grad_outputs
+        gradients = call.pullback((grad / (len(call.inputs) * stab(output)),))
+        return tuple(x * g for x, g in zip(call.inputs, gradients))
+
+
+def uniform(stabilizer: StabilizerLike = 1e-6) -> _Uniform:
+    """The uniform rule for products of activations (``a * b``, ``a @ b``, ``bmm``, ``einsum``, gates).
+
+    Definition:
+        Epsilon on the multilinear map with the relevance split equally among its ``n`` activation operands:
+        ``R_k = x_k * (d z / d x_k)^T (R / (n * s(z)))``; for ``z = A @ B``: ``R_A = A * ((R / 2 s(z)) B^T)`` and
+        ``R_B = B * (A^T (R / 2 s(z)))``. The relevances sum to ``sum(R * z / s(z))``: conserved up to the
+        stabilizer. An operand used twice (``x * x``) counts twice.
+
+    References:
+        Achtibat et al. (2024), AttnLRP: Attention-Aware Layer-Wise Relevance Propagation for Transformers, ICML.
+    """
+    return _Uniform(stabilizer)
+
+
+_GATES = ("Softmax", "Elementwise")
+
+
+@dataclass(frozen=True)
+class _Gated:
+    stabilizer: StabilizerLike
+    needs_pullback = True
+
+    def __repr__(self) -> str:
+        return "gated"
+
+    def __call__(self, call: Call, grad_outputs: tuple[Tensor, ...]) -> tuple[Tensor | None, ...]:
+        _one_output("gated", call, grad_outputs)
+        from . import ops
+
+        gates = [source is not None and issubclass(source, (ops.Softmax, ops.Elementwise)) for source in call.input_sources]
+        if len(gates) != len(call.inputs) or all(gates) or not any(gates):
+            gates = [False] * len(call.inputs)
+        carriers = len(gates) - sum(gates)
+        stab = ensure_stabilizer(self.stabilizer)
+        (output,), (grad,) = call.outputs, grad_outputs
+        gradients = call.pullback((grad / (carriers * stab(output)),))
+        return tuple(None if gate else x * g for x, g, gate in zip(call.inputs, gradients, gates))
+
+
+def gated(stabilizer: StabilizerLike = 1e-6) -> _Gated:
+    """A product with its gates held constant (CP-LRP): relevance flows only to the operands that are not gates.
+
+    Definition:
+        An operand produced by a softmax (attention weights) or by an element-wise nonlinearity (an activated gate,
+        a squeeze-excitation scale), looking through data movement, is a gate: it is held constant and receives no
+        relevance; the other ``m`` operands share it, ``R_k = x_k * (d z / d x_k)^T (R / (m * s(z)))``. For
+        ``z = A @ V`` with attention weights ``A``: ``R_V = V * (A^T (R / s(z)))``, ``R_A = 0``. If every operand
+        or none is a gate, this is :func:`uniform`.
+
+    References:
+        Ali et al. (2022), XAI for Transformers: Better Explanations through Conservative Propagation, ICML.
+    """
+    return _Gated(stabilizer)
+
+
+@dataclass(frozen=True)
+class _Softmax:
+    needs_pullback = True
+
+    def __repr__(self) -> str:
+        return "softmax"
+
+    def __call__(self, call: Call, grad_outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        _one_output("softmax", call, grad_outputs)
+        if len(call.inputs) != 1:
+            raise RuleError(f"rule softmax handles a softmax of one activation; {call.describe()} has {len(call.inputs)}")
+        (x,), (y,), (grad,) = call.inputs, call.outputs, grad_outputs
+        # J^T (R / y) = R - y * sum(R): no division where y underflowed to zero (masked positions)
+        (gradient,) = call.pullback((grad / torch.where(y == 0, torch.ones_like(y), y),))
+        return (torch.where(torch.isfinite(x), x, torch.zeros_like(x)) * gradient,)
+
+
+def softmax() -> _Softmax:
+    """The softmax rule of AttnLRP.
+
+    Definition:
+        ``R_in = x * (R - s * sum(R))`` along the softmax dimension, with ``s`` the softmax output: epsilon-LRP of
+        the softmax linearised at its input, without stabilizer (``s > 0``). Masked entries (``x = -inf``) get zero.
+
+    References:
+        Achtibat et al. (2024), AttnLRP: Attention-Aware Layer-Wise Relevance Propagation for Transformers, ICML.
+    """
+    return _Softmax()
+
+
+def normalization(epsilon: StabilizerLike = 1e-6, zero_params: ZeroParams = None) -> BasicRule:
+    """Normalisation (LayerNorm, RMSNorm, GroupNorm, batch statistics) with its divisor held constant.
+
+    Definition:
+        The call is replayed with its statistics held at their recorded values (the standard deviation of a
+        LayerNorm, the root mean square of an RMSNorm; written by hand, any value that depends nonlinearly on the
+        input and has fewer elements than it; see :meth:`lrpfunc.Call.forward`), which leaves an affine map ``y =
+        A x + b``; epsilon-LRP on it: ``R_in = x * A^T (R / s(y))``. For RMSNorm (``A`` diagonal) this is the
+        identity up to the stabilizer; LayerNorm's centring ``x - mean(x)`` takes epsilon, and its bias absorbs
+        relevance unless ``zero_params="bias"``.
+
+    References:
+        Ali et al. (2022), ICML (the LN rule). Achtibat et al. (2024), ICML.
+    """
+    stabilizer = ensure_stabilizer(epsilon)
+    return basic(
+        input_modifiers=[identity],
+        param_modifiers=[no_mod(zero_params=zero_params, require_params=False)],
+        output_modifiers=[identity],
+        gradient_mapper=lambda grad, outputs: (grad / stabilizer(outputs[0]),),
+        reducer=_first_product,
+        name=f"normalization({_zp(zero_params).lstrip(', ')})",
+        hold_statistics=True,
+    )
+
+
+@dataclass(frozen=True)
+class _Attention:
+    needs_pullback = False
+
+    def __repr__(self) -> str:
+        return "attention"
+
+    def decompose(self, func: object, args: Sequence[object], kwargs: dict[str, object]) -> object:
+        from ._attention import decompose
+
+        return decompose(func, args, kwargs)
+
+    def __call__(self, call: Call, grad_outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        raise RuleError(f"rule attention decomposes {call.describe()} while tracing; it is never applied to a call")
+
+
+def attention() -> _Attention:
+    """Fused attention computed as its operations, so that their own rules apply.
+
+    Definition:
+        ``F.scaled_dot_product_attention(q, k, v, ...)`` is traced as ``softmax(q @ k^T * scale + mask) @ v`` (the
+        order of HuggingFace's eager attention), and ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``)
+        as its in-projection, that attention and its out-projection: the products, scaling, softmax and linear maps
+        inside get the composite's rules, and second-order derivatives need no double backward of a fused kernel.
+    """
+    return _Attention()
+
+
+def _one_output(rule: str, call: Call, grad_outputs: tuple[Tensor, ...]) -> None:
+    if len(call.outputs) != 1 or len(grad_outputs) != 1 or not call.inputs:
+        raise RuleError(
+            f"rule {rule} handles calls with activation inputs and one floating-point output; {call.describe()} has "
+            f"{len(call.inputs)} input(s) and {len(call.outputs)} output(s)"
+        )

@@ -2,15 +2,29 @@
 
 Module groups are plain tuples usable with :func:`isinstance` and in composite entries. Operation labels
 are classes that canonizers attach to recorded operations (a residual ``out += identity`` becomes a
-:class:`Sum`), so that composites can map them to rules like module types.
+:class:`Sum`), so that composites can map them to rules like module types. Modules whose class is only known by
+its name or structure (HuggingFace's ``LlamaRMSNorm``, a hand-written channels-first ``LayerNorm``,
+torchvision's ``FrozenBatchNorm2d``) are matched by *duck types* made with :func:`duck`.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Sequence
+
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 __all__ = [
+    "duck",
+    "DuckType",
     "Sum",
+    "ReLU",
+    "Normalization",
+    "LayerNormLike",
+    "RMSNormLike",
+    "FrozenBatchNorm",
     "Convolution",
     "Linear",
     "Dense",
@@ -19,6 +33,57 @@ __all__ = [
     "MaxPool",
     "Activation",
 ]
+
+
+class DuckType(type):
+    """Metaclass of duck types: ``isinstance(module, T)`` asks ``T.accepts(module)``."""
+
+    def __instancecheck__(cls, instance: object) -> bool:
+        return bool(cls.accepts(instance))  # type: ignore[attr-defined]
+
+    def __subclasscheck__(cls, subclass: type) -> bool:
+        return subclass is cls
+
+
+def duck(
+    name: str,
+    *,
+    class_name: str | None = None,
+    has: Sequence[str] = (),
+    lacks: Sequence[str] = (),
+    where: Callable[[nn.Module], bool] | None = None,
+) -> type:
+    """A type that modules match by their class name or structure rather than their class.
+
+    Args:
+        name: The duck type's own name (shown in errors and tables).
+        class_name: A regular expression that the name of the module's class (or of one of its base classes)
+            must match with :func:`re.search`, e.g. ``r"RMSNorm$"``.
+        has: Attribute names the module must have (parameters, buffers or plain attributes).
+        lacks: Attribute names the module must not have.
+        where: Any further predicate on the module.
+
+    Returns:
+        A class usable in composite entries and with :func:`isinstance`.
+
+    Example:
+        >>> RMSNormLike = duck("RMSNormLike", class_name=r"RMSNorm$", has=["weight"])
+        >>> composites.layer_map([(RMSNormLike, rules.normalization())])
+    """
+    pattern = re.compile(class_name) if class_name is not None else None
+
+    def accepts(module: object) -> bool:
+        if not isinstance(module, nn.Module):
+            return False
+        if pattern is not None and not any(pattern.search(base.__name__) for base in type(module).__mro__):
+            return False
+        if any(not hasattr(module, attribute) for attribute in has):
+            return False
+        if any(hasattr(module, attribute) for attribute in lacks):
+            return False
+        return where is None or bool(where(module))
+
+    return DuckType(name, (), {"accepts": staticmethod(accepts), "__doc__": f"Duck type {name}: {class_name or ''} {list(has)}"})
 
 
 class Sum:
@@ -87,4 +152,36 @@ Activation: tuple[type[nn.Module], ...] = (
     nn.Tanh,
     nn.Tanhshrink,
     nn.Threshold,
+)
+
+#: ReLU as a module or a function (``F.relu``, ``torch.relu``, ``Tensor.relu`` and their in-place variants).
+ReLU: tuple[object, ...] = (nn.ReLU, F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_)
+
+#: A LayerNorm written by hand (the facebookresearch ConvNeXt ``LayerNorm`` with ``data_format``, and any module
+#: whose class name ends in ``LayerNorm``, e.g. T5's), matched by name.
+LayerNormLike = duck("LayerNormLike", class_name=r"LayerNorm(2d)?$")
+#: An RMSNorm written by hand (HuggingFace's ``LlamaRMSNorm``, ``Qwen2RMSNorm``, ``MistralRMSNorm``,
+#: ``GemmaRMSNorm`` with its ``(1 + weight)``), matched by name.
+RMSNormLike = duck("RMSNormLike", class_name=r"RMSNorm$")
+#: Normalisation modules: LayerNorm, GroupNorm, RMSNorm (torch's and hand-written ones), instance norm.
+Normalization: tuple[type, ...] = (
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.LocalResponseNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+    LayerNormLike,
+    RMSNormLike,
+)
+#: A BatchNorm whose statistics and affine parameters are all buffers (torchvision's ``FrozenBatchNorm2d``).
+FrozenBatchNorm = (
+    duck(
+        "FrozenBatchNorm",
+        class_name=r"BatchNorm",
+        has=["weight", "bias", "running_mean", "running_var"],
+        where=lambda module: not isinstance(module, nn.modules.batchnorm._NormBase)
+        and not any(True for _ in module.parameters(recurse=False)),
+    ),
 )
