@@ -186,6 +186,7 @@ def run_trace(
         first = run_trace(setup, params, x, AutogradTape(), record_sites=True, resolve=False)
         table = _TableResolver(composite, [site for site, _, by in first.sites if by is None])
     skip: frozenset[tuple[int, int]] = frozenset()
+    skip_transpose: frozenset[tuple[int, int]] = frozenset()
     while True:
         resolver = table if table is not None else (resolver_of(composite) if composite is not None else None)
         tracer = Tracer(
@@ -198,6 +199,7 @@ def run_trace(
             label_sums=setup.labels,
             observe=observe,
             skip_merge=skip,
+            skip_transpose=skip_transpose,
             record_sites=record_sites,
         )
         leaves, spec = optree.tree_flatten(x, none_is_leaf=True)
@@ -212,7 +214,10 @@ def run_trace(
                 output = call_model(setup.model, optree.tree_unflatten(spec, inputs))
             trace = tracer.finish(input_ids, output)
         except Retry as retry:
-            skip = skip | {retry.skip_merge}
+            if retry.kind == "merge":
+                skip = skip | {retry.key}
+            else:
+                skip_transpose = skip_transpose | {retry.key}
             continue
         finally:
             tape.end()

@@ -98,6 +98,8 @@ class ParamMod:
 
     def is_identity(self, call: Call) -> bool:
         """Whether applying this modifier to ``call`` leaves every parameter as it is."""
+        if self.modifier is keep_param and not self.zero_params:
+            return True
         if self.modifier is not keep_param:
             return not self.keys(call)
         zero = set(self.zero_params or ())
@@ -170,6 +172,15 @@ class BasicRule:
             )
         with_params = call.wants_param_relevance
         (grad_output,) = grad_outputs
+        if (
+            len(self.input_modifiers) == 1
+            and self.input_modifiers[0] is identity
+            and self.output_modifiers[0] is identity
+            and not with_params
+            and not self.hold_statistics
+            and self.param_modifiers[0].is_identity(call)
+        ):
+            return self._identity_triple(call, grad_output)
         inputs: list[tuple[Tensor, ...]] = []
         params: list[Mapping[str, Tensor]] = []
         outputs: list[Tensor] = []
@@ -209,6 +220,20 @@ class BasicRule:
                         [p_k[name] for p_k in params], [g_k[1].get(name) for g_k in grads]  # type: ignore[misc]
                     )
         return Propagated(relevance, param_relevance)
+
+    def _identity_triple(self, call: Call, grad_output: Tensor) -> Propagated:
+        """One triple that keeps inputs, parameters and outputs (epsilon, norm): the recorded output and pullback."""
+        gammas = self.gradient_mapper(grad_output, call.outputs)
+        if not isinstance(gammas, Tensor):
+            gammas = tuple(gammas)
+            if len(gammas) != 1:
+                raise RuleError(
+                    f"rule {self.name}: the gradient mapper returned {len(gammas)} tensors for 1 modified output of "
+                    f"{call.describe()}"
+                )
+            (gammas,) = gammas
+        gradients = call.pullback((gammas,))
+        return Propagated(tuple(self.reducer((x,), (g,)) for x, g in zip(call.inputs, gradients)), {})
 
     def _modified_call(
         self, call: Call, in_mod: Callable[[Tensor], Tensor], param_mod: ParamMod, with_params: bool

@@ -30,7 +30,7 @@ class Propagated(NamedTuple):
     params: Mapping[str, Tensor] = {}
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, slots=True)
 class Call:
     """One call of a module (or one functional operation) during the recorded forward pass.
 

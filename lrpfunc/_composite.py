@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, Union, runtime_checkable
+from typing import Any, NamedTuple, Protocol, Union, runtime_checkable
 
 import torch
 
@@ -17,9 +17,8 @@ Matcher = Union[type, Callable[..., Any]]
 Entries = Sequence[tuple[Union[Matcher, Sequence[Matcher]], Any]]
 
 
-@dataclass(frozen=True, eq=False)
-class CallSite:
-    """One place where a rule can attach: a module call or an operation on activations.
+class CallSite(NamedTuple):
+    """One place where a rule can attach: a module call or an operation on activations (an immutable record).
 
     Attributes:
         kind: ``"module"`` or ``"op"``.

@@ -111,6 +111,15 @@ def sweep(
         if type(step) is RuledCall:
             for vid in step.outputs:
                 complete(vid)
+            if step.passes_through and len(step.outputs) == 1 and len(step.inputs) == 1 and not wants_params:
+                (vid,) = step.outputs
+                grad = cot.pop(vid, None)
+                if grad is not None and grad.shape == trace.low[step.inputs[0]].shape:
+                    add(step.inputs[0], grad)
+                    continue
+                if grad is None:
+                    continue
+                cot[vid] = grad  # a shape the rule refuses: let it say so
             grads = [cot.pop(vid, None) for vid in step.outputs]
             if all(grad is None for grad in grads):
                 continue
@@ -165,18 +174,18 @@ def make_call(trace: Trace, step: RuledCall, wants_param_relevance: bool) -> Cal
         params = {local: low[vid] for local, vid in step.param_vids.items()}
     site = step.site
     return Call(
-        name=site.name,
-        module=step.module,
-        op=None if site.kind == "module" else site.name.rsplit("/", 1)[-1],
-        call_index=site.call_index,
-        inputs=tuple(low[vid] for vid in step.inputs),
-        outputs=tuple(low[vid] for vid in step.outputs),
-        params=params,
-        wants_param_relevance=wants_param_relevance,
-        _forward=_forward_of(trace, step),
-        _pullback=_pullback_of(trace, step),
-        op_class=step.op_class,
-        input_sources=tuple(step.input_sources),
+        site.name,
+        step.module,
+        None if site.kind == "module" else site.name.rsplit("/", 1)[-1],
+        site.call_index,
+        tuple([low[vid] for vid in step.inputs]),
+        tuple([low[vid] for vid in step.outputs]),
+        params,
+        wants_param_relevance,
+        _forward_of(trace, step),
+        _pullback_of(trace, step),
+        step.op_class,
+        tuple(step.input_sources),
     )
 
 
@@ -247,6 +256,8 @@ def _pullback_of(trace: Trace, step: RuledCall) -> Callable[[tuple[Tensor, ...]]
 
     if not step.needs_pullback:
         return unavailable
+    if step.transposed:
+        return _transposed_pullback(trace, step)
     if tape.per_op:
         pullbacks = step.pullbacks
 
@@ -270,6 +281,23 @@ def _pullback_of(trace: Trace, step: RuledCall) -> Callable[[tuple[Tensor, ...]]
     def pullback(grad_outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         grads = tape.pullback([tensors[vid] for vid in outputs], [lifted[vid] for vid in inputs], list(grad_outputs))
         return tuple(torch.zeros_like(low[vid]) if grad is None else grad for vid, grad in zip(inputs, grads))
+
+    return pullback
+
+
+def _transposed_pullback(trace: Trace, step: RuledCall) -> Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]]:
+    """The pullback of a call that is one linear operation: its closed-form transpose with the call's weight (the
+    merged weight when a BatchNorm was folded in)."""
+    node, low = step.nodes[0], trace.low
+    transpose = node.transpose
+    assert transpose is not None
+    shape = low[step.inputs[0]].shape
+
+    def pullback(grad_outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        leaves = [low[leaf.vid] if type(leaf) is Ref else leaf for leaf in node.leaves]
+        args, kwargs = unflatten_call(node.spec, leaves)
+        weight = step.params["weight"] if step.params is not None else (args[1] if len(args) > 1 else kwargs["weight"])
+        return (transpose(grad_outputs[0], weight, shape, args, kwargs),)
 
     return pullback
 

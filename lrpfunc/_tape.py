@@ -39,6 +39,8 @@ class Tape:
     #: Results must be differentiable by the caller (the sweep then builds graphs).
     exact: bool = True
     name: str = "tape"
+    #: Whether :meth:`quiet` does anything (otherwise the tracer skips entering it).
+    has_quiet: bool = False
 
     def begin(self) -> None:
         """Start recording (before the forward pass)."""
@@ -111,6 +113,7 @@ class LevelTape(Tape):
     """One grad nesting level for the whole forward pass (exact under every ``torch.func`` transform)."""
 
     name = "level"
+    has_quiet = True
 
     def __init__(self) -> None:
         self.level: int | None = None

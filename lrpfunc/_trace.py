@@ -164,6 +164,14 @@ def _is_float(tensor: Tensor) -> bool:
     return tensor.is_floating_point() or tensor.is_complex()
 
 
+_OP_NAMES: dict[Any, str] = {}
+
+
+def _op_name_of(func: Callable[..., Any]) -> str:
+    found = _OP_NAMES[func] = op_name(func)
+    return found
+
+
 def op_name(func: Callable[..., Any]) -> str:
     """A short name of a torch function or method, e.g. ``"add"`` for ``Tensor.add_``."""
     name = getattr(func, "__name__", None) or type(func).__name__
@@ -196,6 +204,10 @@ def _out_of_place(func: Callable[..., Any], kwargs: dict[str, Any]) -> tuple[Cal
     known = _OUT_OF_PLACE.get(func)
     if known is not None:
         return known
+    return _out_of_place_of(func)
+
+
+def _out_of_place_of(func: Callable[..., Any]) -> tuple[Callable[..., Any], bool, bool]:
     name = getattr(func, "__name__", "")
     if name == "__setitem__":
         known = (_clone_then(func), True, True)
@@ -209,6 +221,18 @@ def _out_of_place(func: Callable[..., Any], kwargs: dict[str, Any]) -> tuple[Cal
         known = (func, False, False)
     _OUT_OF_PLACE[func] = known
     return known
+
+
+#: Per function: ``(function to run, mutates its first argument, returns None, returns a view of its first
+#: argument)``, without the ``inplace=True`` keyword (handled per call).
+_FACTS: dict[Any, tuple[Callable[..., Any], bool, bool, bool]] = {}
+
+
+def _facts(func: Callable[..., Any]) -> tuple[Callable[..., Any], bool, bool, bool]:
+    fn, mutates, returns_none = _out_of_place_of(func)
+    fn = _NORMALIZATIONS_WITH_RUNNING_STATS.get(fn, fn)
+    found = _FACTS[func] = (fn, mutates, returns_none, op_name(func) in _VIEW_OPS)
+    return found
 
 
 def _without_running_stat_updates(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -265,11 +289,22 @@ def unflatten_call(spec: Any, leaves: Sequence[Any]) -> tuple[tuple[Any, ...], d
     return optree.tree_unflatten(spec, list(leaves))
 
 
-@dataclass(frozen=True, slots=True)
 class Ref:
     """Placeholder for a recorded value inside the argument leaves of a :class:`Node`."""
 
-    vid: int
+    __slots__ = ("vid",)
+
+    def __init__(self, vid: int) -> None:
+        self.vid = vid
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is Ref and other.vid == self.vid
+
+    def __hash__(self) -> int:
+        return hash(("Ref", self.vid))
+
+    def __repr__(self) -> str:
+        return f"Ref({self.vid})"
 
 
 @dataclass(eq=False, slots=True)
@@ -284,6 +319,8 @@ class Node:
     output_leaves: list[Any]
     outputs: tuple[int, ...]
     op_class: type | None = None
+    #: The closed-form transpose of this operation w.r.t. its first argument, when its call uses one.
+    transpose: Callable[..., Any] | None = None
 
     def replay(self, env: Mapping[int, Tensor], recorded: Mapping[int, Tensor]) -> Any:
         leaves = [
@@ -298,25 +335,57 @@ class Node:
                 env[ref.vid] = leaf
 
 
-@dataclass(eq=False, slots=True)
 class RuledCall:
-    """A call (module call or single operation) whose cotangents a rule computes."""
+    """A call (module call or single operation) whose cotangents a rule computes.
 
-    site: CallSite
-    rule: Any
-    needs_pullback: bool
-    module: torch.nn.Module | None
-    inputs: list[int] = field(default_factory=list)
-    lifted: dict[int, Tensor] = field(default_factory=dict)
-    outputs: list[int] = field(default_factory=list)
-    nodes: list[Node] = field(default_factory=list)
-    param_vids: dict[str, int] = field(default_factory=dict)
-    params: Mapping[str, Tensor] | None = None
-    forward: Callable[..., Any] | None = None
-    input_sources: list[type | None] = field(default_factory=list)
-    op_class: type | None = None
-    pullbacks: list[tuple[tuple[int, ...], tuple[int, ...], Callable[..., Any]]] = field(default_factory=list)
-    merged_from: str | None = None
+    Attributes:
+        site: The call site. rule: Its rule. needs_pullback: Whether the rule uses the call's true pullback.
+        module: The module called, or ``None`` for an operation.
+        inputs: Value ids of the activations the call read from outside, in order of first use.
+        lifted: The tape leaf each input was lifted to inside the call (calls that record their pullback).
+        outputs: Value ids of the floating-point activations the call returned.
+        nodes: The recorded operations, replayable with other inputs and parameters.
+        param_vids: Local parameter names to value ids. params: Parameters that differ from those (merged).
+        forward: A forward that replaces the replay of the nodes (merged calls).
+        input_sources: For each input, the class of the operation that produced it.
+        op_class: The class of the operation (of the last one for a module call).
+        pullbacks: Per-operation pullbacks of the nodes (the per-operation tape).
+        merged_from: The BatchNorm folded into this call.
+        transposed: The call is one linear operation whose pullback is its closed-form transpose
+            (:func:`lrpfunc.ops.transpose_of`): it runs quietly even though its rule uses the pullback.
+        passes_through: The rule passes the relevance through unchanged: the sweep moves the cotangent itself.
+        records: Whether the call's operations are recorded (a rule that neither replays nor pulls back needs none).
+    """
+
+    __slots__ = (
+        "site", "rule", "needs_pullback", "module", "inputs", "lifted", "outputs", "nodes", "param_vids", "params",
+        "forward", "input_sources", "op_class", "pullbacks", "merged_from", "transposed", "passes_through", "records",
+    )
+
+    def __init__(self, site: CallSite, rule: Any, needs_pullback: bool, module: torch.nn.Module | None, *,
+                 op_class: type | None = None) -> None:
+        self.site = site
+        self.rule = rule
+        self.needs_pullback = needs_pullback
+        self.module = module
+        self.inputs: list[int] = []
+        self.lifted: dict[int, Tensor] = {}
+        self.outputs: list[int] = []
+        self.nodes: list[Node] = []
+        self.param_vids: dict[str, int] = {}
+        self.params: Mapping[str, Tensor] | None = None
+        self.forward: Callable[..., Any] | None = None
+        self.input_sources: list[type | None] = []
+        self.op_class = op_class
+        self.pullbacks: list[tuple[tuple[int, ...], tuple[int, ...], Callable[..., Any]]] = []
+        self.merged_from: str | None = None
+        self.transposed = False
+        self.passes_through = bool(getattr(rule, "passes_through", False))
+        self.records = needs_pullback or bool(getattr(rule, "replays", True))
+
+    @property
+    def quiet(self) -> bool:
+        return not self.needs_pullback or self.transposed
 
 
 @dataclass(eq=False, slots=True)
@@ -341,11 +410,16 @@ class OpStep:
 
 
 class Retry(Exception):
-    """Raised inside a trace when a streaming decision turns out wrong; the trace is run again without it."""
+    """Raised inside a trace when a streaming decision turns out wrong; the trace is run again without it.
 
-    def __init__(self, skip_merge: tuple[int, int]) -> None:
+    ``kind`` is ``"merge"`` (a BatchNorm merged into a layer whose output is read elsewhere) or ``"transpose"`` (a
+    module expected to be one linear operation turned out to be more), ``key`` the module's ``(id, call index)``.
+    """
+
+    def __init__(self, kind: str, key: tuple[int, int]) -> None:
         super().__init__("retry")
-        self.skip_merge = skip_merge
+        self.kind = kind
+        self.key = key
 
 
 @dataclass(eq=False)
@@ -453,6 +527,10 @@ def model_tensors(info: ModelInfo, params: Mapping[str, Tensor]) -> list[tuple[s
     the tensor's (tied) names, else the module's own."""
     result = []
     for tensor, names in info.tensors:
+        if len(names) == 1:
+            name = names[0]
+            result.append((name, tensor, params.get(name, tensor)))
+            continue
         given = {id(params[name]): (name, params[name]) for name in names if name in params}
         if len(given) > 1:
             raise ValueError(
@@ -493,28 +571,35 @@ class Substitution(TorchFunctionMode):
 
     def __torch_function__(self, func: Callable[..., Any], types: Any, args: Sequence[Any] = (),
                            kwargs: Mapping[str, Any] | None = None) -> Any:
-        given = kwargs or {}
         if func in _METADATA:
-            return func(*args, **given)
-        kwargs = dict(given)
-        fn, mutates, returns_none = _out_of_place(func, kwargs)
-        fn = _NORMALIZATIONS_WITH_RUNNING_STATS.get(fn, fn)
+            return func(*args, **(kwargs or {}))
+        facts = _FACTS.get(func)
+        fn, mutates, returns_none, is_view = facts if facts is not None else _facts(func)
+        changed = fn is not func
+        if kwargs:
+            if kwargs.get("inplace") is True:
+                kwargs = {**kwargs, "inplace": False}
+                mutates = changed = True
+        else:
+            kwargs = {}
         leaves, spec = flatten_call(args, kwargs)
         substitute, stale = self.substitute, self.stale
         for position, leaf in enumerate(leaves):
             if isinstance(leaf, Tensor):
                 if id(leaf) in substitute:
                     leaf = leaves[position] = self.resolve(leaf)
+                    changed = True
                 elif type(leaf) is torch.nn.Parameter:
                     self.info.check_tensor(leaf)
                 if stale and id(leaf) in stale:
                     raise NotImplementedError(stale[id(leaf)])
         if self.replace is not None:
             fn = self.replace(fn)
-        call_args, call_kwargs = unflatten_call(spec, leaves)
-        result = fn(*call_args, **call_kwargs)
+        if changed:
+            args, kwargs = unflatten_call(spec, leaves)
+        result = fn(*args, **kwargs)
         first = leaves[0] if leaves else None
-        if isinstance(first, Tensor) and op_name(func) in _VIEW_OPS:
+        if is_view and isinstance(first, Tensor):
             for out in _tensor_leaves(result):
                 self.view_base[id(out)] = id(first)
                 self.keep_alive.append(out)
@@ -572,6 +657,7 @@ class Tracer(TorchFunctionMode):
         label_sums: bool = False,
         observe: Callable[[str, int], str | None] | None = None,
         skip_merge: frozenset[tuple[int, int]] = frozenset(),
+        skip_transpose: frozenset[tuple[int, int]] = frozenset(),
         record_sites: bool = False,
     ) -> None:
         super().__init__()
@@ -583,6 +669,7 @@ class Tracer(TorchFunctionMode):
         self.label_sums = label_sums
         self.observe = observe
         self.skip_merge = skip_merge
+        self.skip_transpose = skip_transpose
         self.record_sites = record_sites
         self.info = info
         self.names = info.names
@@ -750,7 +837,7 @@ class Tracer(TorchFunctionMode):
             finally:
                 self.stack.pop()
         observed = self.observe(name, index) if self.observe is not None else None
-        if self.merge_batchnorm and isinstance(module, _types.BatchNorm + _types.FrozenBatchNorm):
+        if self.merge_batchnorm and _is_batchnorm(module):
             merged = self.try_merge(module, module_index, index, name, args, kwargs)
             if merged is not _NOT_MERGED:
                 if observed is not None:
@@ -765,6 +852,12 @@ class Tracer(TorchFunctionMode):
                 ruled = None
             else:
                 ruled = RuledCall(site, rule, _needs_pullback(rule), module)
+                ruled.transposed = (
+                    ruled.needs_pullback and type(module) in _TRANSPOSABLE
+                    and getattr(module, "padding_mode", "zeros") == "zeros"
+                    and not isinstance(getattr(module, "padding", 0), str)
+                    and (key, index) not in self.skip_transpose
+                )
                 for local, tensor in self.info.module_params(module):
                     vid = self.vid(tensor)
                     if vid is not None:
@@ -786,7 +879,7 @@ class Tracer(TorchFunctionMode):
     def run_ruled(self, ruled: RuledCall, run: Callable[[], Any]) -> Any:
         self.call = ruled
         try:
-            if ruled.needs_pullback:
+            if not ruled.quiet or not self.tape.has_quiet:
                 return run()
             with self.tape.quiet():
                 return run()
@@ -796,7 +889,10 @@ class Tracer(TorchFunctionMode):
     def finish_ruled(self, ruled: RuledCall, output: Any) -> Any:
         """Register the outputs of a finished ruled call. An input returned unchanged becomes a new value (a view)
         that the call produced, so that the call's rule stands between the two."""
-        leaves, spec = optree.tree_flatten(output, none_is_leaf=True)
+        if isinstance(output, Tensor):
+            leaves, spec = [output], None
+        else:
+            leaves, spec = optree.tree_flatten(output, none_is_leaf=True)
         changed = False
         for position, leaf in enumerate(leaves):
             if not isinstance(leaf, Tensor):
@@ -813,6 +909,8 @@ class Tracer(TorchFunctionMode):
         for vid in ruled.outputs:
             self.cut.add(vid)
             self.pending_cut.add(vid)
+        if ruled.transposed and not _one_linear_operation(ruled):
+            raise Retry("transpose", (id(ruled.module), ruled.site.call_index))
         if ruled.nodes and ruled.op_class is None:
             ruled.op_class = ruled.nodes[-1].op_class
         for vid in ruled.outputs:
@@ -820,7 +918,9 @@ class Tracer(TorchFunctionMode):
             if producer is not None:
                 self.source[vid] = _source_class(producer, self.source)
         self.steps.append(ruled)
-        return optree.tree_unflatten(spec, leaves) if changed else output
+        if not changed:
+            return output
+        return leaves[0] if spec is None else optree.tree_unflatten(spec, leaves)
 
     def passed_through(self, ruled: RuledCall, vid: int) -> Tensor:
         """A new value of ``ruled`` equal to its input (or an earlier value) ``vid``."""
@@ -835,20 +935,20 @@ class Tracer(TorchFunctionMode):
             ruled.inputs.append(vid)
             ruled.input_sources.append(self.source.get(vid))
             self.lower(vid)
-            if ruled.needs_pullback and not self.per_op:
+            if not ruled.quiet and not self.per_op:
                 ruled.lifted[vid] = self.tape.lift(self.tensors[vid])
-        if ruled.needs_pullback and not self.per_op:
+        if not ruled.quiet and not self.per_op:
             inside = ruled.lifted[vid]
         else:
             inside = self.lower(vid)
         alias = inside.view_as(inside)
         new_vid = self.register(alias, activation=True)
         self.owner[new_vid] = ruled
-        self.low[new_vid] = self.tape.lower(alias) if ruled.needs_pullback and not self.per_op else alias
+        self.low[new_vid] = self.tape.lower(alias) if not ruled.quiet and not self.per_op else alias
         self.source[new_vid] = self.source.get(vid)
         ruled.nodes.append(Node(Tensor.view_as, Tensor.view_as, [Ref(vid), Ref(vid)], _FastSpec(2, ()), (vid,),
                                 [Ref(new_vid)], (new_vid,), _ops.DataMovement))
-        if ruled.needs_pullback and self.per_op:
+        if not ruled.quiet and self.per_op:
             ruled.pullbacks.append(((vid,), (new_vid,), _identity_pullback))
         return alias
 
@@ -934,15 +1034,19 @@ class Tracer(TorchFunctionMode):
         args: Sequence[Any] = (),
         kwargs: Mapping[str, Any] | None = None,
     ) -> Any:
-        given_kwargs = kwargs or {}
         if func in _METADATA or self.raw:
-            return func(*args, **given_kwargs)
-        kwargs = dict(given_kwargs)
-        fn, mutates, returns_none = _out_of_place(func, kwargs)
-        fn = _NORMALIZATIONS_WITH_RUNNING_STATS.get(fn, fn)
+            return func(*args, **(kwargs or {}))
+        given_kwargs = kwargs or {}
+        facts = _FACTS.get(func)
+        fn, mutates, returns_none, _ = facts if facts is not None else _facts(func)
+        if given_kwargs.get("inplace") is True:
+            kwargs = {**given_kwargs, "inplace": False}
+            mutates = True
+        else:
+            kwargs = given_kwargs
         leaves, spec = flatten_call(args, kwargs)
         constant = self.grad_enabled and not torch.is_grad_enabled()
-        vid_of, activations, substitute = self.vid_of, self.activations, self.substitute
+        vid_of, activations, substitute, stale = self.vid_of, self.activations, self.substitute, self.stale
         known = False
         act: list[int] = []
         vids: list[int | None] = []
@@ -958,18 +1062,19 @@ class Tracer(TorchFunctionMode):
                         self.info.check_tensor(leaf)
                     continue
                 known = True
-                if vid in self.stale:
-                    raise NotImplementedError(self.stale[vid])
-                if vid in activations and not constant and _is_float(leaf):
+                if stale and vid in stale:
+                    raise NotImplementedError(stale[vid])
+                if vid in activations and not constant:  # activations are floating-point by construction
                     act.append(position)
             else:
                 vids.append(None)
         if not known:  # nothing the record knows: run it as the model wrote it (in place included)
             return func(*args, **given_kwargs)
         last = self.last_layer
-        if last is not None and any(vids[p] == last[2] for p in act):
+        if last is not None and act and any(vids[p] == last[2] for p in act):
             self.last_layer = None
-        fn = self.replaced(fn)
+        if self.replacers:
+            fn = self.replaced(fn)
         call = self.call
         if call is not None:
             result = self.inside_call(call, func, fn, leaves, spec, act, vids)
@@ -989,9 +1094,16 @@ class Tracer(TorchFunctionMode):
     def _register_outputs(self, result: Any, activation: bool) -> tuple[list[Any], list[int]]:
         """Register the new tensors of ``result``; returns the output leaves with :class:`Ref` placeholders and the
         value ids of the new floating-point activations."""
+        tensors = self.tensors
+        if type(result) is Tensor or isinstance(result, Tensor):
+            existing = self.vid_of.get(id(result))
+            if existing is not None and tensors[existing] is result:
+                return [Ref(existing)], []
+            is_float = activation and _is_float(result)
+            vid = self.register(result, activation=is_float)
+            return [Ref(vid)], ([vid] if is_float else [])
         refs: list[Any] = []
         outputs: list[int] = []
-        tensors = self.tensors
         for leaf in optree.tree_leaves(result, none_is_leaf=True):
             if isinstance(leaf, Tensor):
                 existing = self.vid_of.get(id(leaf))
@@ -1014,25 +1126,34 @@ class Tracer(TorchFunctionMode):
         return result
 
     def classify(self, func: Callable[..., Any], fn: Callable[..., Any], leaves: list[Any], spec: Any) -> _ops.OpInfo:
-        """The operation class of ``fn`` (if the table knows the replacement) or else of ``func``."""
+        """The operation class and parameter operands of ``fn`` (if the table knows the replacement) or of ``func``."""
         args, kwargs = unflatten_call(spec, leaves)
         return _ops.classify(fn if fn is not func and _ops.registered(fn) else func, args, kwargs, self.is_activation)
+
+    def class_of(self, func: Callable[..., Any], fn: Callable[..., Any], leaves: list[Any], spec: Any) -> type:
+        """Only the operation class (cheaper than :meth:`classify`)."""
+        target = fn if fn is not func and _ops.registered(fn) else func
+        found = _ops._CONSTANT.get(target)
+        if found is not None:
+            return found
+        args, kwargs = unflatten_call(spec, leaves)
+        return _ops.class_of(target, args, kwargs, self.is_activation)
 
     def inside_call(self, call: RuledCall, func: Callable[..., Any], fn: Callable[..., Any], leaves: list[Any], spec: Any,
                     act: list[int], vids: list[int | None]) -> Any:
         """An operation inside a ruled call: the activations it reads from outside become the call's inputs."""
-        info = self.classify(func, fn, leaves, spec)
+        op_class = self.class_of(func, fn, leaves, spec) if call.records or self.record_sites else None
         op_index = self.op_index
         self.op_index += 1
         if self.record_sites:
             owner = self.stack[-1] if self.stack else ""
             name = op_name(func)
             site = CallSite("op", op_index, f"{owner}/{name}" if owner else name, None, func, None, 0, self.next_order(),
-                            info.op_class)
+                            op_class)
             self.note_covered(site, call.site.name)
         template = list(leaves)
         owner_of = self.owner
-        quiet = not call.needs_pullback
+        quiet = call.quiet
         per_op = self.per_op
         inputs: list[int] = []
         for position, leaf in enumerate(leaves):
@@ -1055,12 +1176,12 @@ class Tracer(TorchFunctionMode):
                     leaves[position] = self.lower(vid)
                 continue
             if vid in self.merged_interior:
-                raise Retry(self.merged_interior[vid])
+                raise Retry("merge", self.merged_interior[vid])
             if vid not in call.inputs:
                 call.inputs.append(vid)
                 call.input_sources.append(self.source.get(vid))
                 self.lower(vid)
-                if call.needs_pullback and not per_op:
+                if not quiet and not per_op:
                     tensor = self.tensors[vid]
                     fresh = tensor.grad_fn is None and tensor.requires_grad
                     call.lifted[vid] = tensor if fresh else self.tape.lift(tensor)
@@ -1075,10 +1196,18 @@ class Tracer(TorchFunctionMode):
             result = _run(fn, args, kwargs, self.stack)
             pullback = None
         refs, outputs = self._register_outputs(result, activation=True)
+        tensors, low = self.tensors, self.low
         for vid in outputs:
             owner_of[vid] = call
-            self.low[vid] = self.tensors[vid] if quiet or per_op else self.tape.lower(self.tensors[vid])
-        node = Node(fn, func, template, spec, tuple(inputs), refs, tuple(outputs), info.op_class)
+            low[vid] = tensors[vid] if quiet or per_op else self.tape.lower(tensors[vid])
+        if not call.records:
+            source = self.source.get(inputs[0]) if op_class is _ops.DataMovement and inputs else op_class
+            for vid in outputs:
+                self.source[vid] = source
+            return result
+        node = Node(fn, func, template, spec, tuple(inputs), refs, tuple(outputs), op_class)
+        if call.transposed and not call.nodes:
+            node.transpose = _ops.transpose_of(func, *unflatten_call(spec, leaves))
         call.nodes.append(node)
         if pullback is not None:
             call.pullbacks.append((tuple(inputs), tuple(outputs), pullback))
@@ -1090,51 +1219,55 @@ class Tracer(TorchFunctionMode):
     def outside_call(self, func: Callable[..., Any], fn: Callable[..., Any], leaves: list[Any], spec: Any, act: list[int],
                      vids: list[int | None]) -> Any:
         """An operation on activations outside ruled calls: a call site of its own."""
+        owner_of, merged = self.owner, self.merged_interior
         for position in act:
             vid = vids[position]
-            if vid in self.merged_interior:
-                raise Retry(self.merged_interior[vid])  # type: ignore[index]
-            if vid in self.owner and vid not in self.cut:
-                call = self.owner[vid]  # type: ignore[index]
+            if vid in owner_of and vid not in self.cut:
+                if vid in merged:
+                    raise Retry("merge", merged[vid])  # type: ignore[index]
+                call = owner_of[vid]  # type: ignore[index]
                 raise NotImplementedError(
                     f"attribute: a value computed inside {call.site.describe()} (which has the rule {call.rule!r}) is read "
                     f"outside that call by {op_name(func)} in '{self.stack[-1] if self.stack else 'the model'}', but is not "
                     f"one of its outputs; a rule can only pass relevance to what the call returns. Give this call no rule "
                     f"(or one on its submodules), or return the value from it."
                 )
-        info = None
+        op_class = None
         rule = None
         site = None
+        op_index = self.op_index
+        self.op_index += 1
         if self.resolver is not None or self.record_sites:
-            info = self.classify(func, fn, leaves, spec)
-            op_index = self.op_index
-            self.op_index += 1
-            call_args, call_kwargs = unflatten_call(spec, leaves)
-            label = _types.Sum if self.label_sums and _is_residual_sum(func, call_args, call_kwargs, act, leaves) else None
+            op_class = self.class_of(func, fn, leaves, spec)
+            label = None
+            if self.label_sums:
+                call_args, call_kwargs = unflatten_call(spec, leaves)
+                label = _types.Sum if _is_residual_sum(func, call_args, call_kwargs, act, leaves) else None
             owner = self.stack[-1] if self.stack else ""
-            name = op_name(func)
+            name = _OP_NAMES.get(func) or _op_name_of(func)
             site = CallSite("op", op_index, f"{owner}/{name}" if owner else name, None, func, label, 0, self.next_order(),
-                            info.op_class)
+                            op_class)
             if self.covered:
                 self.note_covered(site, "a merged BatchNorm")
             else:
                 rule = self.offer(site)
-        else:
-            self.op_index += 1
         if rule is not None:
+            assert site is not None
             decompose = getattr(rule, "decompose", None)
             if decompose is not None:
                 call_args, call_kwargs = unflatten_call(spec, leaves)
                 with self:
                     return decompose(func, call_args, call_kwargs)
-            assert site is not None and info is not None
+            info = self.classify(func, fn, leaves, spec)
             ruled = RuledCall(site, rule, _needs_pullback(rule), None, op_class=info.op_class)
+            if ruled.needs_pullback and act == [0]:
+                ruled.transposed = _ops.transpose_of(func, *unflatten_call(spec, leaves)) is not None
             for local, tensor in info.params.items():
                 vid = self.vid_of.get(id(tensor))
                 if vid is not None:
                     ruled.param_vids[local] = vid
                     self.lower(vid)
-            self.op_index -= 1  # inside_call counts the operation
+            self.op_index = op_index  # inside_call counts the operation
             record_sites, self.record_sites = self.record_sites, False
             try:
                 result = self.run_ruled(ruled, lambda: self.inside_call(ruled, func, fn, leaves, spec, act, vids))
@@ -1158,18 +1291,32 @@ class Tracer(TorchFunctionMode):
                     vids[position] = leaf_vid
             call_args, call_kwargs = unflatten_call(spec, leaves)
             result = _run(fn, call_args, call_kwargs, self.stack)
-            refs, outputs = self._register_outputs(result, activation=True)
+            if type(result) is Tensor and id(result) not in self.vid_of:
+                vid = len(self.tensors)
+                self.tensors[vid] = result
+                self.vid_of[id(result)] = vid
+                if result.is_floating_point() or result.is_complex():
+                    self.activations.add(vid)
+                    outputs = [vid]
+                else:
+                    outputs = []
+            else:
+                outputs = self._register_outputs(result, activation=True)[1]
             if outputs:
-                piece = self.union([self.piece_of[vids[p]] for p in act])  # type: ignore[index]
+                piece_of = self.piece_of
+                if len(act) == 1:
+                    piece = piece_of[vids[act[0]]]  # type: ignore[index]
+                else:
+                    piece = self.union([piece_of[vids[p]] for p in act])  # type: ignore[index]
                 for vid in outputs:
-                    self.piece_of[vid] = piece
+                    piece_of[vid] = piece
         if outputs:
-            source = info.op_class if info is not None else None
+            source = op_class
             if source is _ops.DataMovement or source is None:
                 source = self.source.get(vids[act[0]])  # type: ignore[arg-type]
             for vid in outputs:
                 self.source[vid] = source
-            if op_name(func) in _VIEW_OPS:
+            if _FACTS[func][3]:
                 for vid in outputs:
                     self.view_base[vid] = vids[act[0]]  # type: ignore[assignment]
         return result
@@ -1266,6 +1413,48 @@ def _run(fn: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any],
 
 
 _NOT_MERGED = object()
+_BATCHNORM_TYPES: dict[type, bool] = {}
+
+
+def _is_batchnorm(module: torch.nn.Module) -> bool:
+    """A BatchNorm module, with running statistics as parameters and buffers or (frozen) as buffers only."""
+    kind = type(module)
+    found = _BATCHNORM_TYPES.get(kind)
+    if found is None:
+        found = isinstance(module, _types.BatchNorm)
+        if not found and isinstance(module, _types.FrozenBatchNorm):
+            return True  # decided per module: a frozen BatchNorm is known by its buffers
+        _BATCHNORM_TYPES[kind] = found
+    return found
+
+
+#: Module types whose forward is one linear operation with a closed-form transpose (when their padding is explicit).
+_TRANSPOSABLE = frozenset(
+    {
+        torch.nn.Linear,
+        torch.nn.Conv1d,
+        torch.nn.Conv2d,
+        torch.nn.Conv3d,
+        torch.nn.ConvTranspose1d,
+        torch.nn.ConvTranspose2d,
+        torch.nn.ConvTranspose3d,
+    }
+)
+
+
+def _one_linear_operation(call: RuledCall) -> bool:
+    """Whether ``call`` (before a BatchNorm is merged into it) is one operation with a transpose, reading the call's
+    single input as its first argument and producing its single output."""
+    if len(call.inputs) != 1 or not call.nodes:
+        return False
+    node = call.nodes[0]
+    if len(node.inputs) != 1 or node.inputs[0] != call.inputs[0] or type(node.leaves[0]) is not Ref:
+        return False
+    if node.leaves[0].vid != call.inputs[0] or node.transpose is None:
+        return False
+    return len(call.nodes) == 1 or call.merged_from is not None
+
+
 _MERGEABLE = (
     torch.nn.Linear,
     torch.nn.Conv1d,

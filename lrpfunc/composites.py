@@ -9,8 +9,9 @@ composite resolves to for a model.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -45,6 +46,7 @@ __all__ = [
 ]
 
 ZeroParams = str | Sequence[str] | None
+_MISSING = object()
 
 
 def _flatten_matchers(matchers: object) -> list[Matcher]:
@@ -71,12 +73,33 @@ def _entries(where: str, entries: Entries) -> tuple[tuple[tuple[Matcher, ...], R
 
 @dataclass(frozen=True)
 class LayerMap:
-    """Rule of the first entry whose types the site matches (module class, operation label or function)."""
+    """Rule of the first entry whose types the site matches (module class, operation label or function).
+
+    What a site matches depends only on its module (by identity), or for an operation on its function, label and
+    class: the answer is cached per module and per operation signature.
+    """
 
     entries: tuple[tuple[tuple[Matcher, ...], Rule], ...]
+    _by_module: dict[int, tuple[weakref.ref[torch.nn.Module], Any]] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
+    _by_op: dict[tuple[Any, ...], Any] = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
+
+    def _match(self, site: CallSite) -> Rule | None:
+        return next((rule for matchers, rule in self.entries if site.matches(matchers)), None)
 
     def rule_for(self, site: CallSite) -> Rule | None:
-        return next((rule for matchers, rule in self.entries if site.matches(matchers)), None)
+        module = site.module
+        if module is not None:
+            found = self._by_module.get(id(module))
+            if found is None or found[0]() is not module:
+                found = self._by_module[id(module)] = (weakref.ref(module), self._match(site))
+            return found[1]
+        key = (site.func, site.label, site.op_class)
+        found = self._by_op.get(key, _MISSING)
+        if found is _MISSING:
+            found = self._by_op[key] = self._match(site)
+        return found
 
     def resolver(self) -> Callable[[CallSite], Rule | None]:
         return self.rule_for

@@ -71,6 +71,7 @@ __all__ = [
     "Other",
     "OpInfo",
     "classify",
+    "class_of",
     "register",
     "registered",
 ]
@@ -170,6 +171,8 @@ IsActivation = Callable[[Any], bool]
 Classifier = Callable[[Sequence[Any], Mapping[str, Any], IsActivation], OpInfo]
 
 _TABLE: dict[Any, Classifier] = {}
+#: The class of functions whose class does not depend on their operands (most of them), for a fast lookup.
+_CONSTANT: dict[Any, type[Operation]] = {}
 _NO_PARAMS: Mapping[str, Tensor] = {}
 
 
@@ -325,10 +328,12 @@ def register(func: Callable[..., Any], op_class: type[Operation] | Classifier, *
         if not issubclass(op_class, Operation):
             raise TypeError(f"register: op_class must be a subclass of lrpfunc.ops.Operation, got {op_class.__name__}")
         _TABLE[func] = _weighted(op_class, params) if params else _constant(op_class)
+        _CONSTANT[func] = op_class
     elif callable(op_class):
         if params:
             raise TypeError("register: params is given by the classifier itself when op_class is a classifier")
         _TABLE[func] = op_class
+        _CONSTANT.pop(func, None)
     else:
         raise TypeError(f"register: op_class must be an Operation subclass or a classifier, got {type(op_class).__name__}")
 
@@ -344,6 +349,17 @@ def classify(func: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str,
     if classifier is None:
         return OpInfo(Other, _NO_PARAMS)
     return classifier(args, kwargs, is_activation)
+
+
+def class_of(func: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any], is_activation: IsActivation) -> type[Operation]:
+    """Only the class of ``func(*args, **kwargs)`` (what :func:`classify` returns, without the parameters)."""
+    found = _CONSTANT.get(func)
+    if found is not None:
+        return found
+    classifier = _TABLE.get(func)
+    if classifier is None:
+        return Other
+    return classifier(args, kwargs, is_activation).op_class
 
 
 def _register_builtins() -> None:
@@ -427,3 +443,86 @@ def _register_builtins() -> None:
 
 
 _register_builtins()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# transposes: the vector-Jacobian product of a linear operation w.r.t. its activation operand, in closed form
+# ------------------------------------------------------------------------------------------------------------
+
+Transpose = Callable[[Tensor, Tensor, Sequence[int], Sequence[Any], Mapping[str, Any]], Tensor]
+
+
+def _tuple(value: Any, count: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * count
+
+
+def _linear_transpose(grad: Tensor, weight: Tensor, shape: Sequence[int], args: Sequence[Any],
+                      kwargs: Mapping[str, Any]) -> Tensor:
+    return grad @ weight
+
+
+def _convolution_transpose(dims: int) -> Transpose:
+    transposed = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[dims - 1]
+
+    def transpose(grad: Tensor, weight: Tensor, shape: Sequence[int], args: Sequence[Any], kwargs: Mapping[str, Any]) -> Tensor:
+        stride = _tuple(_arg(args, kwargs, 3, "stride", 1), dims)
+        padding = _tuple(_arg(args, kwargs, 4, "padding", 0), dims)
+        dilation = _tuple(_arg(args, kwargs, 5, "dilation", 1), dims)
+        groups = _arg(args, kwargs, 6, "groups", 1)
+        kernel = weight.shape[2:]
+        spatial_in, spatial_out = shape[-dims:], grad.shape[-dims:]
+        output_padding = tuple(
+            size - ((out - 1) * s - 2 * p + d * (k - 1) + 1)
+            for size, out, s, p, d, k in zip(spatial_in, spatial_out, stride, padding, dilation, kernel)
+        )
+        return transposed(grad, weight, None, stride, padding, output_padding, groups, dilation)
+
+    return transpose
+
+
+def _transposed_convolution_transpose(dims: int) -> Transpose:
+    forward = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+
+    def transpose(grad: Tensor, weight: Tensor, shape: Sequence[int], args: Sequence[Any], kwargs: Mapping[str, Any]) -> Tensor:
+        stride = _arg(args, kwargs, 3, "stride", 1)
+        padding = _arg(args, kwargs, 4, "padding", 0)
+        groups = _arg(args, kwargs, 6, "groups", 1)
+        dilation = _arg(args, kwargs, 7, "dilation", 1)
+        return forward(grad, weight, None, stride, padding, dilation, groups)
+
+    return transpose
+
+
+def _padding_is_explicit(args: Sequence[Any], kwargs: Mapping[str, Any]) -> bool:
+    return not isinstance(_arg(args, kwargs, 4, "padding", 0), str)
+
+
+_TRANSPOSES: dict[Any, tuple[Transpose, Callable[[Sequence[Any], Mapping[str, Any]], bool]]] = {}
+
+
+def _register_transposes() -> None:
+    always = lambda args, kwargs: True  # noqa: E731
+    _TRANSPOSES[F.linear] = (_linear_transpose, lambda args, kwargs: isinstance(_arg(args, kwargs, 1, "weight"), Tensor)
+                             and _arg(args, kwargs, 1, "weight").ndim == 2)
+    for dims, names in ((1, "conv1d"), (2, "conv2d"), (3, "conv3d")):
+        for func in _all(names):
+            _TRANSPOSES[func] = (_convolution_transpose(dims), _padding_is_explicit)
+    for dims, names in ((1, "conv_transpose1d"), (2, "conv_transpose2d"), (3, "conv_transpose3d")):
+        for func in _all(names):
+            _TRANSPOSES[func] = (_transposed_convolution_transpose(dims), always)
+
+
+_register_transposes()
+
+
+def transpose_of(func: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> Transpose | None:
+    """The closed-form transpose of ``func(input, weight, ...)`` w.r.t. ``input`` for these arguments, if known.
+
+    The transpose is called as ``transpose(grad, weight, input_shape, args, kwargs)`` and is made of ordinary
+    differentiable torch operations, so it is exact under every transform; the engine uses it instead of recording
+    a pullback for calls that are one such operation (``nn.Linear``, ``nn.Conv2d``, also with a BatchNorm folded in).
+    """
+    entry = _TRANSPOSES.get(func)
+    if entry is None or not entry[1](args, kwargs):
+        return None
+    return entry[0]

@@ -375,7 +375,9 @@ def _single(rule: str, call: Call, grad_outputs: tuple[Tensor, ...]) -> None:
 
 @dataclass(frozen=True)
 class _Passthrough:
+    replays = False
     needs_pullback = False
+    passes_through = True
 
     def __repr__(self) -> str:
         return "passthrough"
@@ -396,6 +398,7 @@ def passthrough() -> _Passthrough:
 
 @dataclass(frozen=True)
 class _ReLUDeconvNet:
+    replays = False
     needs_pullback = False
 
     def __repr__(self) -> str:
@@ -420,6 +423,7 @@ def relu_deconvnet() -> _ReLUDeconvNet:
 
 @dataclass(frozen=True)
 class _ReLUGuidedBackprop:
+    replays = False
     needs_pullback = True
 
     def __repr__(self) -> str:
@@ -445,6 +449,7 @@ def relu_guided_backprop() -> _ReLUGuidedBackprop:
 
 @dataclass(frozen=True)
 class _ReLUBetaSmooth:
+    replays = False
     beta_smooth: float
     needs_pullback = False
 
