@@ -9,11 +9,22 @@ from typing import Any
 import torch
 
 from ._call import Call, Propagated, RuleError
+from ._functorch import values_only
 from ._stabilize import stabilize
 
 Tensor = torch.Tensor
 
-__all__ = ["ParamMod", "BasicRule", "basic", "identity", "keep_param", "default_gradient_mapper", "default_reducer"]
+__all__ = [
+    "ParamMod",
+    "BasicRule",
+    "basic",
+    "identity",
+    "keep_param",
+    "positive_part",
+    "negative_part",
+    "default_gradient_mapper",
+    "default_reducer",
+]
 
 
 def identity(tensor: Tensor) -> Tensor:
@@ -30,6 +41,16 @@ def keep_param(param: Tensor, name: str) -> Tensor:
 def default_gradient_mapper(grad_output: Tensor, outputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
     """``grad_output / stabilize(y_k)`` for every modified output ``y_k``."""
     return tuple(grad_output / stabilize(output) for output in outputs)
+
+
+def positive_part(x: Tensor) -> Tensor:
+    """``x^+ = max(x, 0)`` (an input modifier)."""
+    return x.clamp(min=0)
+
+
+def negative_part(x: Tensor) -> Tensor:
+    """``x^- = min(x, 0)`` (an input modifier)."""
+    return x.clamp(max=0)
 
 
 def default_reducer(inputs: Sequence[Tensor], gradients: Sequence[Tensor]) -> Tensor:
@@ -146,6 +167,9 @@ class BasicRule:
     name: str = field(default="basic", compare=False)
     hold_statistics: bool = False
     pullback: bool | None = field(default=None, compare=False)
+    #: The gradient mapper and the reducer accept ``None`` for a term that was left out because it is exactly
+    #: zero (see :meth:`_zero_terms`); the built-in sign-splitting rules (z+, alpha-beta, gamma) do.
+    zero_terms: bool = field(default=False, compare=False)
 
     def __repr__(self) -> str:
         return self.name
@@ -185,7 +209,16 @@ class BasicRule:
         params: list[Mapping[str, Tensor]] = []
         outputs: list[Tensor] = []
         pullbacks: list[Callable[[Tensor], tuple[tuple[Tensor, ...], dict[str, Tensor]]]] = []
-        for in_mod, param_mod, out_mod in zip(self.input_modifiers, self.param_modifiers, self.output_modifiers):
+        skipped = self._zero_terms(call, with_params)
+        for k, (in_mod, param_mod, out_mod) in enumerate(
+            zip(self.input_modifiers, self.param_modifiers, self.output_modifiers)
+        ):
+            if k in skipped:  # f(0; theta_k) = 0 and x_k = 0: the term adds exactly nothing
+                inputs.append(call.inputs)
+                params.append({})
+                outputs.append(None)  # type: ignore[arg-type]
+                pullbacks.append(_no_term)
+                continue
             x_k, p_k, raw, pull_raw = self._modified_call(call, in_mod, param_mod, with_params)
             if out_mod is identity:
                 y_k, pull = raw, pull_raw
@@ -206,7 +239,10 @@ class BasicRule:
                 f"modified outputs of {call.describe()}"
             )
         # a gradient the mapper leaves out (None) is not pulled back: the reducer must not read it
-        grads = [pull(gamma) if gamma is not None else ((None,) * len(call.inputs), {}) for pull, gamma in zip(pullbacks, gammas)]
+        grads = [
+            pull(gamma) if gamma is not None and pull is not _no_term else ((None,) * len(call.inputs), {})
+            for pull, gamma in zip(pullbacks, gammas)
+        ]
         relevance = tuple(
             self.reducer([x_k[i] for x_k in inputs], [g_k[0][i] for g_k in grads]) for i in range(len(call.inputs))
         )
@@ -220,6 +256,27 @@ class BasicRule:
                         [p_k[name] for p_k in params], [g_k[1].get(name) for g_k in grads]  # type: ignore[misc]
                     )
         return Propagated(relevance, param_relevance)
+
+    def _zero_terms(self, call: Call, with_params: bool) -> frozenset[int]:
+        """The terms that are exactly zero and can be left out: only when nothing differentiates the result, for a
+        rule that accepts it (:attr:`zero_terms`), on one linear operation (so that ``f(0; theta) = 0`` once the bias
+        is zeroed), for the positive or negative part of an input that has no such part (``x^-`` after a ReLU)."""
+        if not self.zero_terms or not call.linear or with_params or len(call.inputs) != 1 or not values_only():
+            return frozenset()
+        low, high = torch.aminmax(call.inputs[0])
+        if not (low < 0 or high > 0):
+            return frozenset()  # an input of zeros: nothing to gain, and every term of a pair would go
+        empty = {positive_part: bool(high <= 0), negative_part: bool(low >= 0)}
+        has_bias = "bias" in call.params
+        return frozenset(
+            k
+            for k, (in_mod, param_mod, out_mod) in enumerate(
+                zip(self.input_modifiers, self.param_modifiers, self.output_modifiers)
+            )
+            if empty.get(in_mod, False)
+            and out_mod is identity
+            and (not has_bias or "bias" in (param_mod.zero_params or ()))
+        )
 
     def _identity_triple(self, call: Call, grad_output: Tensor) -> Propagated:
         """One triple that keeps inputs, parameters and outputs (epsilon, norm): the recorded output and pullback."""
@@ -245,11 +302,22 @@ class BasicRule:
             return call.inputs, call.params, call.outputs[0], lambda g: (pullback((g,)), {})
         x_k = tuple(in_mod(x) for x in call.inputs)
         p_k = param_mod.apply(call, self.name)
+        if call.linear and not hold:
+            # one linear operation: its modified forward and that forward's pullback in closed form
+            (raw,) = call.forward(x_k, p_k)
+            if with_params:
+                (raw,), pull_both = torch.func.vjp(lambda xs, ps: call.forward(xs, ps), x_k, p_k)
+                return x_k, p_k, raw, lambda g: pull_both((g,))
+            return x_k, p_k, raw, lambda g: ((call.transpose(g, p_k),), {})
         if with_params:
             (raw,), pull_both = torch.func.vjp(lambda xs, ps: call.forward(xs, ps, hold_statistics=hold), x_k, p_k)
             return x_k, p_k, raw, lambda g: pull_both((g,))
         (raw,), pull_x = torch.func.vjp(lambda *xs: call.forward(xs, p_k, hold_statistics=hold), *x_k)
         return x_k, p_k, raw, lambda g: (pull_x((g,)), {})
+
+
+def _no_term(gamma: Tensor) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:
+    raise AssertionError("a term left out is never pulled back")
 
 
 def _compose(pull_raw: Callable[[Tensor], Any], pull_out: Callable[[Tensor], tuple[Tensor]]) -> Callable[[Tensor], Any]:
@@ -266,6 +334,7 @@ def basic(
     name: str = "basic",
     hold_statistics: bool = False,
     needs_pullback: bool | None = None,
+    zero_terms: bool = False,
 ) -> BasicRule:
     """The general LRP rule, Zennit's ``BasicHook`` as a pure value.
 
@@ -300,6 +369,10 @@ def basic(
         needs_pullback: Whether the rule uses the call's recorded pullback; by default, when some modifier triple
             keeps inputs and parameters as they are. ``False`` lets the tracer run the call without recording it
             (a gradient mapper may then return ``None`` for such a triple, whose output it only reads).
+        zero_terms: The gradient mapper and the reducer accept ``None`` for the output and the gradient of a triple
+            whose input modifier is :func:`positive_part` or :func:`negative_part` of an input that has no such
+            part, on a linear call with that triple's bias zeroed: such a term is exactly zero, and is left out when
+            nothing differentiates the result.
 
     Returns:
         A :class:`BasicRule`.
@@ -337,4 +410,5 @@ def basic(
         name=name,
         hold_statistics=hold_statistics,
         pullback=needs_pullback,
+        zero_terms=zero_terms,
     )

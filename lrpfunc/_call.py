@@ -67,6 +67,25 @@ class Call:
     _pullback: Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]] = field(repr=False)
     op_class: type | None = None
     input_sources: tuple[type | None, ...] = ()
+    _transpose: Callable[[Tensor, Mapping[str, Tensor]], Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def linear(self) -> bool:
+        """Whether the call is one linear operation (a dense layer or a convolution, also with a BatchNorm folded
+        in) of its single input, with a closed-form transpose (:meth:`transpose`)."""
+        return self._transpose is not None
+
+    def transpose(self, grad: Tensor, params: Mapping[str, Tensor] | None = None) -> Tensor:
+        """For a :attr:`linear` call: the pullback of ``forward(inputs, params)`` w.r.t. its input, in closed form
+        (``grad @ W`` for a dense layer, the input gradient of a convolution), without recording anything.
+
+        Raises:
+            RuleError: The call is not one linear operation.
+        """
+        if self._transpose is None:
+            raise RuleError(f"{self.describe()} is not one linear operation: it has no closed-form transpose")
+        merged = self.params if params is None else {**self.params, **params}
+        return self._transpose(grad, merged)
 
     def forward(
         self, inputs: Sequence[Tensor], params: Mapping[str, Tensor] | None = None, *, hold_statistics: bool = False

@@ -19,6 +19,7 @@ import torch
 __all__ = [
     "AVAILABLE",
     "transforms_active",
+    "values_only",
     "open_level",
     "close_level",
     "wrap",
@@ -52,6 +53,12 @@ def transforms_active() -> bool:
     Without the private API this answers ``True``: the caller must then assume its result will be transformed.
     """
     return _are_transforms_active() if AVAILABLE else True
+
+
+def values_only() -> bool:
+    """Whether nothing can differentiate what is computed now: grad mode is off and no ``torch.func`` transform is
+    active (forward-mode transforms ignore grad mode). Rules may then skip terms whose value is exactly zero."""
+    return not torch.is_grad_enabled() and not transforms_active()
 
 
 def open_level() -> int:

@@ -43,8 +43,13 @@ def stabilize(
         tensor([-1.5000,  0.5000,  2.5000])
     """
     if not (clip or norm_scale):
-        # z + (sign(z) + (z == 0)) * epsilon, in z's precision, without the two passes of sign and z == 0
-        return torch.where(z >= 0, z + epsilon, z - epsilon)
+        # z + (sign(z) + (z == 0)) * epsilon, in z's precision, in three passes (z - e == z + (-e) exactly)
+        shift = torch.where(
+            z >= 0,
+            torch.full((), epsilon, dtype=z.dtype, device=z.device),
+            torch.full((), -epsilon, dtype=z.dtype, device=z.device),
+        )
+        return z + shift
     sign = (z == 0).to(z) + z.sign()
     if norm_scale:
         dims = tuple(range(1, z.ndim)) if dim is None else tuple(dim)

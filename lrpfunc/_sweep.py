@@ -128,6 +128,8 @@ def sweep(
             )
             call = make_call(trace, step, wants_params)
             results = _apply_rule(trace, step, call, grad_outputs, param_relevance)
+            del call
+            step.release()  # the sweep reaches every step once: free what its rule computed and read
             for vid, grad in zip(step.inputs, results):
                 if grad is not None:
                     add(vid, grad)
@@ -186,6 +188,7 @@ def make_call(trace: Trace, step: RuledCall, wants_param_relevance: bool) -> Cal
         _pullback_of(trace, step),
         step.op_class,
         tuple(step.input_sources),
+        _transpose_of(trace, step) if step.transposed else None,
     )
 
 
@@ -258,6 +261,8 @@ def _pullback_of(trace: Trace, step: RuledCall) -> Callable[[tuple[Tensor, ...]]
         return unavailable
     if step.transposed:
         return _transposed_pullback(trace, step)
+    if step.closed_pullback is not None:
+        return _closed_pullback(trace, step)
     if tape.per_op:
         pullbacks = step.pullbacks
 
@@ -285,21 +290,55 @@ def _pullback_of(trace: Trace, step: RuledCall) -> Callable[[tuple[Tensor, ...]]
     return pullback
 
 
+def _transpose_of(trace: Trace, step: RuledCall) -> Callable[[Tensor, Mapping[str, Tensor]], Tensor]:
+    """``(grad, params) -> input gradient`` of the call's linear operation with the weight ``params["weight"]``."""
+    node, low = step.nodes[0], trace.low
+    transpose = node.transpose
+    assert transpose is not None
+    value = low[step.inputs[0]]
+
+    def apply(grad: Tensor, params: Mapping[str, Tensor]) -> Tensor:
+        leaves = [low[leaf.vid] if type(leaf) is Ref else leaf for leaf in node.leaves]
+        args, kwargs = unflatten_call(node.spec, leaves)
+        return transpose(grad, params["weight"], value, args, kwargs)
+
+    return apply
+
+
 def _transposed_pullback(trace: Trace, step: RuledCall) -> Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]]:
     """The pullback of a call that is one linear operation: its closed-form transpose with the call's weight (the
     merged weight when a BatchNorm was folded in)."""
     node, low = step.nodes[0], trace.low
     transpose = node.transpose
     assert transpose is not None
-    shape = low[step.inputs[0]].shape
+    value = low[step.inputs[0]]
+    scale = step.channel_scale
 
     def pullback(grad_outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         leaves = [low[leaf.vid] if type(leaf) is Ref else leaf for leaf in node.leaves]
         args, kwargs = unflatten_call(node.spec, leaves)
-        weight = step.params["weight"] if step.params is not None else (args[1] if len(args) > 1 else kwargs["weight"])
-        return (transpose(grad_outputs[0], weight, shape, args, kwargs),)
+        weight = args[1] if len(args) > 1 else kwargs["weight"]
+        (grad,) = grad_outputs
+        if scale is not None:  # a BatchNorm folded in: its pullback scales each output channel
+            factor = scale()
+            grad = grad * factor.reshape(-1, *([1] * (grad.ndim - 2))) if grad.ndim > 2 else grad * factor
+        return (transpose(grad, weight, value, args, kwargs),)
 
     return pullback
+
+
+def _closed_pullback(trace: Trace, step: RuledCall) -> Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]]:
+    """The pullback of a sum of two activations, in closed form."""
+    node, low, pullback = step.nodes[0], trace.low, step.closed_pullback
+    assert pullback is not None
+    first, second = (low[vid] for vid in step.inputs)
+
+    def pull(grad_outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        leaves = [low[leaf.vid] if type(leaf) is Ref else leaf for leaf in node.leaves]
+        args, kwargs = unflatten_call(node.spec, leaves)
+        return pullback(grad_outputs[0], first, second, args, kwargs)
+
+    return pull
 
 
 def _apply_rule(

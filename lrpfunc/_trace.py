@@ -240,6 +240,11 @@ def _without_running_stat_updates(func: Callable[..., Any]) -> Callable[..., Any
     signature = inspect.signature(func)
 
     def normalize(*args: Any, **kwargs: Any) -> Any:
+        training = args[5] if len(args) > 5 else kwargs.get("training", kwargs.get("use_input_stats", False))
+        if func is F.instance_norm:
+            training = args[5] if len(args) > 5 else kwargs.get("use_input_stats", True)
+        if not training:  # running statistics are only read
+            return func(*args, **kwargs)
         bound = signature.bind(*args, **kwargs)
         for name in ("running_mean", "running_var"):
             value = bound.arguments.get(name)
@@ -360,6 +365,7 @@ class RuledCall:
     __slots__ = (
         "site", "rule", "needs_pullback", "module", "inputs", "lifted", "outputs", "nodes", "param_vids", "params",
         "forward", "input_sources", "op_class", "pullbacks", "merged_from", "transposed", "passes_through", "records",
+        "channel_scale", "closed_pullback",
     )
 
     def __init__(self, site: CallSite, rule: Any, needs_pullback: bool, module: torch.nn.Module | None, *,
@@ -382,10 +388,22 @@ class RuledCall:
         self.transposed = False
         self.passes_through = bool(getattr(rule, "passes_through", False))
         self.records = needs_pullback or bool(getattr(rule, "replays", True))
+        self.channel_scale: Callable[[], Tensor] | None = None
+        #: A closed-form pullback of the call's one operation w.r.t. its two inputs (a sum of activations).
+        self.closed_pullback: Callable[..., tuple[Tensor, Tensor]] | None = None
 
     @property
     def quiet(self) -> bool:
-        return not self.needs_pullback or self.transposed
+        return not self.needs_pullback or self.transposed or self.closed_pullback is not None
+
+    def release(self) -> None:
+        """Drop what only this call's rule needed (its recorded operations, merged parameters, pullbacks)."""
+        self.params = None
+        self.forward = None
+        self.channel_scale = None
+        self.nodes = []
+        self.lifted = {}
+        self.pullbacks = []
 
 
 @dataclass(eq=False, slots=True)
@@ -853,7 +871,7 @@ class Tracer(TorchFunctionMode):
             else:
                 ruled = RuledCall(site, rule, _needs_pullback(rule), module)
                 ruled.transposed = (
-                    ruled.needs_pullback and type(module) in _TRANSPOSABLE
+                    type(module) in _TRANSPOSABLE
                     and getattr(module, "padding_mode", "zeros") == "zeros"
                     and not isinstance(getattr(module, "padding", 0), str)
                     and (key, index) not in self.skip_transpose
@@ -1260,8 +1278,10 @@ class Tracer(TorchFunctionMode):
                     return decompose(func, call_args, call_kwargs)
             info = self.classify(func, fn, leaves, spec)
             ruled = RuledCall(site, rule, _needs_pullback(rule), None, op_class=info.op_class)
-            if ruled.needs_pullback and act == [0]:
+            if act == [0]:
                 ruled.transposed = _ops.transpose_of(func, *unflatten_call(spec, leaves)) is not None
+            elif act == [0, 1] and vids[0] != vids[1]:
+                ruled.closed_pullback = _ops.sum_pullback_of(func)
             for local, tensor in info.params.items():
                 vid = self.vid_of.get(id(tensor))
                 if vid is not None:
@@ -1511,7 +1531,7 @@ def _merge_parameters(tracer: Tracer, call: RuledCall, layer: torch.nn.Module, b
         return tracer.lower(vid) if vid is not None else tensor
 
     statistics = {local: tensor_of(bn, local) for local in ("weight", "bias", "running_mean", "running_var")}
-    call.params, call.forward = merged_layer(
+    call.params, call.forward, call.channel_scale = merged_layer(
         layer,
         tensor_of(layer, "weight"),
         tensor_of(layer, "bias"),

@@ -83,8 +83,9 @@ def merged_layer(
     layer_output: int,
     recorded: Mapping[int, Tensor],
     param_vids: Mapping[str, int],
-) -> tuple[LazyParams, Callable[..., tuple[Tensor, ...]]]:
-    """Merged parameters of ``layer`` followed by a BatchNorm, and the forward of the merged call.
+) -> tuple[LazyParams, Callable[..., tuple[Tensor, ...]], Callable[[], Tensor]]:
+    """Merged parameters of ``layer`` followed by a BatchNorm, the forward of the merged call, and the BatchNorm's
+    scale per output channel (``g / sqrt(v + eps)``; the pullback of the merged call needs only that).
 
     Definition:
         For ``y = BN(W x + b)`` with running mean ``mu``, variance ``v``, ``eps``, scale ``g`` and shift ``beta``:
@@ -93,12 +94,16 @@ def merged_layer(
     if weight is None:
         raise ValueError(f"merge_batchnorm: {type(layer).__name__} has no weight to fold a BatchNorm into")
 
-    def merged() -> dict[str, Tensor]:
-        mean, var = statistics["running_mean"], statistics["running_var"]
-        assert mean is not None and var is not None
+    def channel_scale() -> Tensor:
+        var = statistics["running_var"]
+        assert var is not None
         scale = (var + eps) ** -0.5
-        if statistics["weight"] is not None:
-            scale = statistics["weight"] * scale
+        return scale if statistics["weight"] is None else statistics["weight"] * scale
+
+    def merged() -> dict[str, Tensor]:
+        mean = statistics["running_mean"]
+        assert mean is not None
+        scale = channel_scale()
         merged_bias = (-mean if bias is None else bias - mean) * scale
         if statistics["bias"] is not None:
             merged_bias = merged_bias + statistics["bias"]
@@ -120,7 +125,7 @@ def merged_layer(
             output = output + params["bias"].reshape(-1, *([1] * (output.ndim - 2)))
         return (output,)
 
-    return LazyParams(("weight", "bias"), merged), forward
+    return LazyParams(("weight", "bias"), merged), forward, channel_scale
 
 
 @dataclass(frozen=True)

@@ -449,33 +449,28 @@ _register_builtins()
 # transposes: the vector-Jacobian product of a linear operation w.r.t. its activation operand, in closed form
 # ------------------------------------------------------------------------------------------------------------
 
-Transpose = Callable[[Tensor, Tensor, Sequence[int], Sequence[Any], Mapping[str, Any]], Tensor]
+Transpose = Callable[[Tensor, Tensor, Tensor, Sequence[Any], Mapping[str, Any]], Tensor]
 
 
 def _tuple(value: Any, count: int) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,) * count
 
 
-def _linear_transpose(grad: Tensor, weight: Tensor, shape: Sequence[int], args: Sequence[Any],
+def _linear_transpose(grad: Tensor, weight: Tensor, input: Tensor, args: Sequence[Any],  # noqa: A002
                       kwargs: Mapping[str, Any]) -> Tensor:
     return grad @ weight
 
 
 def _convolution_transpose(dims: int) -> Transpose:
-    transposed = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[dims - 1]
-
-    def transpose(grad: Tensor, weight: Tensor, shape: Sequence[int], args: Sequence[Any], kwargs: Mapping[str, Any]) -> Tensor:
+    def transpose(grad: Tensor, weight: Tensor, input: Tensor, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Tensor:  # noqa: A002
         stride = _tuple(_arg(args, kwargs, 3, "stride", 1), dims)
         padding = _tuple(_arg(args, kwargs, 4, "padding", 0), dims)
         dilation = _tuple(_arg(args, kwargs, 5, "dilation", 1), dims)
         groups = _arg(args, kwargs, 6, "groups", 1)
-        kernel = weight.shape[2:]
-        spatial_in, spatial_out = shape[-dims:], grad.shape[-dims:]
-        output_padding = tuple(
-            size - ((out - 1) * s - 2 * p + d * (k - 1) + 1)
-            for size, out, s, p, d, k in zip(spatial_in, spatial_out, stride, padding, dilation, kernel)
-        )
-        return transposed(grad, weight, None, stride, padding, output_padding, groups, dilation)
+        # the input gradient of a convolution, as autograd computes it (exact, with derivatives, vmap and jvp rules)
+        return torch.ops.aten.convolution_backward(
+            grad, input, weight, None, stride, padding, dilation, False, (0,) * dims, groups, (True, False, False)
+        )[0]
 
     return transpose
 
@@ -483,7 +478,7 @@ def _convolution_transpose(dims: int) -> Transpose:
 def _transposed_convolution_transpose(dims: int) -> Transpose:
     forward = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
 
-    def transpose(grad: Tensor, weight: Tensor, shape: Sequence[int], args: Sequence[Any], kwargs: Mapping[str, Any]) -> Tensor:
+    def transpose(grad: Tensor, weight: Tensor, input: Tensor, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Tensor:  # noqa: A002
         stride = _arg(args, kwargs, 3, "stride", 1)
         padding = _arg(args, kwargs, 4, "padding", 0)
         groups = _arg(args, kwargs, 6, "groups", 1)
@@ -518,7 +513,7 @@ _register_transposes()
 def transpose_of(func: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> Transpose | None:
     """The closed-form transpose of ``func(input, weight, ...)`` w.r.t. ``input`` for these arguments, if known.
 
-    The transpose is called as ``transpose(grad, weight, input_shape, args, kwargs)`` and is made of ordinary
+    The transpose is called as ``transpose(grad, weight, input, args, kwargs)`` and is made of ordinary
     differentiable torch operations, so it is exact under every transform; the engine uses it instead of recording
     a pullback for calls that are one such operation (``nn.Linear``, ``nn.Conv2d``, also with a BatchNorm folded in).
     """
@@ -526,3 +521,26 @@ def transpose_of(func: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[
     if entry is None or not entry[1](args, kwargs):
         return None
     return entry[0]
+
+
+def _sum_pullback(sign: float) -> Callable[..., tuple[Tensor, Tensor]]:
+    def pullback(grad: Tensor, first: Tensor, second: Tensor, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+        alpha = kwargs.get("alpha", args[2] if len(args) > 2 else 1)
+        other = grad.sum_to_size(second.shape)
+        factor = sign * alpha
+        return grad.sum_to_size(first.shape), (other if factor == 1 else other * factor)
+
+    return pullback
+
+
+_SUM_PULLBACKS: dict[Any, Callable[..., tuple[Tensor, Tensor]]] = {}
+for _func in _all("add") + [Tensor.__add__, Tensor.__radd__, Tensor.__iadd__, Tensor.add_]:
+    _SUM_PULLBACKS[_func] = _sum_pullback(1.0)
+for _func in _all("sub subtract") + [Tensor.__sub__, Tensor.__isub__, Tensor.sub_]:
+    _SUM_PULLBACKS[_func] = _sum_pullback(-1.0)
+
+
+def sum_pullback_of(func: Callable[..., Any]) -> Callable[..., tuple[Tensor, Tensor]] | None:
+    """The closed-form pullback ``(grad, a, b, args, kwargs) -> (grad_a, grad_b)`` of ``func(a, b)`` (an addition or
+    subtraction of two activations, broadcasting and ``alpha`` included), if it is one."""
+    return _SUM_PULLBACKS.get(func)

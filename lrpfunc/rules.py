@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._basic import BasicRule, ParamMod, basic, default_reducer, identity, keep_param
+from ._basic import BasicRule, ParamMod, basic, default_reducer, identity, keep_param, negative_part, positive_part
 from ._call import Call, RuleError
 from ._stabilize import StabilizerLike, ensure_stabilizer
 
@@ -83,12 +83,21 @@ def no_mod(**kwargs: object) -> ParamMod:
     return ParamMod(keep_param, **kwargs)  # type: ignore[arg-type]
 
 
-def _positive(x: Tensor) -> Tensor:
-    return x.clamp(min=0)
+_positive, _negative = positive_part, negative_part
 
 
-def _negative(x: Tensor) -> Tensor:
-    return x.clamp(max=0)
+def _sum_present(values: Sequence[Tensor | None]) -> Tensor:
+    """The sum of the terms that are there (a term left out as exactly zero is ``None``)."""
+    present = [value for value in values if value is not None]
+    total = present[0]
+    for value in present[1:]:
+        total = total + value
+    return total
+
+
+def _sign_split_reducer(inputs: Sequence[Tensor], gradients: Sequence[Tensor | None]) -> Tensor:
+    """``sum_k x_k * v_k`` over the terms that are there."""
+    return _sum_present([x * v if v is not None else None for x, v in zip(inputs, gradients)])
 
 
 def _first_product(inputs: Sequence[Tensor], gradients: Sequence[Tensor]) -> Tensor:
@@ -140,9 +149,10 @@ def zplus(stabilizer: StabilizerLike = 1e-6, zero_params: ZeroParams = None) -> 
         input_modifiers=[_positive, _negative],
         param_modifiers=[clamp_mod(min=0.0, zero_params=zero_params), clamp_mod(max=0.0, zero_params=_zero_bias(zero_params))],
         output_modifiers=[identity, identity],
-        gradient_mapper=lambda grad, outputs: (grad / stab(outputs[0] + outputs[1]),) * 2,
-        reducer=default_reducer,
+        gradient_mapper=lambda grad, outputs: (grad / stab(_sum_present(outputs)),) * 2,
+        reducer=_sign_split_reducer,
         name=f"zplus(stabilizer={stabilizer!r}{_zp(zero_params)})",
+        zero_terms=True,
     )
 
 
@@ -170,15 +180,13 @@ def alpha_beta(
     stab = ensure_stabilizer(stabilizer)
     nobias = _zero_bias(zero_params)
 
-    def mapper(grad: Tensor, outputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
-        positive = grad / stab(outputs[0] + outputs[1])
-        negative = grad / stab(outputs[2] + outputs[3])
+    def mapper(grad: Tensor, outputs: Sequence[Tensor | None]) -> tuple[Tensor, ...]:
+        positive = grad / stab(_sum_present(outputs[:2]))
+        negative = grad / stab(_sum_present(outputs[2:]))
         return positive, positive, negative, negative
 
-    def reducer(inputs: Sequence[Tensor], gradients: Sequence[Tensor]) -> Tensor:
-        return alpha * (inputs[0] * gradients[0] + inputs[1] * gradients[1]) - beta * (
-            inputs[2] * gradients[2] + inputs[3] * gradients[3]
-        )
+    def reducer(inputs: Sequence[Tensor], gradients: Sequence[Tensor | None]) -> Tensor:
+        return alpha * _sign_split_reducer(inputs[:2], gradients[:2]) - beta * _sign_split_reducer(inputs[2:], gradients[2:])
 
     return basic(
         input_modifiers=[_positive, _negative, _positive, _negative],
@@ -192,6 +200,7 @@ def alpha_beta(
         gradient_mapper=mapper,
         reducer=reducer,
         name=f"alpha_beta(alpha={alpha!r}, beta={beta!r}{_zp(zero_params)})",
+        zero_terms=True,
     )
 
 
@@ -211,13 +220,13 @@ def gamma(gamma: float = 0.25, stabilizer: StabilizerLike = 1e-6, zero_params: Z
     stab = ensure_stabilizer(stabilizer)
     nobias = _zero_bias(zero_params)
 
-    def mapper(grad: Tensor, outputs: Sequence[Tensor]) -> list[Tensor]:
-        positive = (outputs[4] > 0.0) * grad / stab(outputs[0] + outputs[1])
-        negative = (outputs[4] < 0.0) * grad / stab(outputs[2] + outputs[3])
+    def mapper(grad: Tensor, outputs: Sequence[Tensor | None]) -> list[Tensor | None]:
+        positive = (outputs[4] > 0.0) * grad / stab(_sum_present(outputs[:2]))  # type: ignore[operator]
+        negative = (outputs[4] < 0.0) * grad / stab(_sum_present(outputs[2:4]))  # type: ignore[operator]
         return [positive, positive, negative, negative, None]  # the fifth output is only read for its sign
 
-    def reducer(inputs: Sequence[Tensor], gradients: Sequence[Tensor]) -> Tensor:
-        return default_reducer(inputs[:4], gradients[:4])
+    def reducer(inputs: Sequence[Tensor], gradients: Sequence[Tensor | None]) -> Tensor:
+        return _sign_split_reducer(inputs[:4], gradients[:4])
 
     return basic(
         input_modifiers=[_positive, _negative, _positive, _negative, identity],
@@ -233,6 +242,7 @@ def gamma(gamma: float = 0.25, stabilizer: StabilizerLike = 1e-6, zero_params: Z
         reducer=reducer,
         name=f"gamma(gamma={gamma!r}{_zp(zero_params)})",
         needs_pullback=False,
+        zero_terms=True,
     )
 
 
