@@ -247,18 +247,30 @@ def gamma(gamma: float = 0.25, stabilizer: StabilizerLike = 1e-6, zero_params: Z
 
 
 def _expand_bound(bound: float | Tensor, like: Tensor) -> Tensor:
-    """Broadcast ``bound`` to ``like`` (torch broadcasting: trailing dimensions align). A bound with as many
-    dimensions as the input and a larger batch is cut to the input's batch size, as Zennit does."""
+    """``bound`` expanded to the input ``like`` (N, C, ...), aligned from the left.
+
+    Accepted: a float (or 0-d tensor); a vector of length C (one bound per channel); a tensor with as many
+    dimensions as the input whose sizes each equal the input's or are 1 (the batch size may also be larger, and is
+    then cut to the input's, as Zennit does). Anything else is ambiguous (a ``(1, C)`` bound on an ``(N, C, L)`` input
+    could mean per channel or per position) and raises.
+    """
     tensor = torch.as_tensor(bound).to(like)
-    if tensor.ndim == like.ndim and tensor.ndim > 0 and tensor.shape[0] > like.shape[0]:
-        tensor = tensor[: like.shape[0]]
-    try:
+    if tensor.ndim == 1 and like.ndim >= 2:
+        if tensor.shape[0] == like.shape[1]:
+            return tensor.reshape(1, -1, *([1] * (like.ndim - 2))).expand(like.shape)
+    elif tensor.ndim == like.ndim and tensor.ndim > 0:
+        if tensor.shape[0] > like.shape[0]:
+            tensor = tensor[: like.shape[0]]
+        if all(size in (1, target) for size, target in zip(tensor.shape, like.shape)):
+            return tensor.expand(like.shape)
+    elif tensor.ndim == 0:
         return tensor.expand(like.shape)
-    except RuntimeError as error:
-        raise RuleError(
-            f"zbox: a bound of shape {tuple(tensor.shape)} does not broadcast to the input's shape "
-            f"{tuple(like.shape)}; give a float or a tensor broadcastable to it (per channel: shape (1, C, 1, 1))"
-        ) from error
+    channels = like.shape[1] if like.ndim >= 2 else None
+    raise RuleError(
+        f"zbox: a bound of shape {tuple(tensor.shape)} does not broadcast to the input's shape {tuple(like.shape)} "
+        f"unambiguously; give a float, a vector of {channels} per-channel bounds, or a tensor of the input's number of "
+        f"dimensions whose sizes equal the input's or are 1 (per channel: shape (1, C, 1, 1) for images)"
+    )
 
 
 def zbox(
@@ -268,8 +280,9 @@ def zbox(
 
     Definition:
         ``R_i = sum_j (x_i w_ji - l_i w_ji^+ - h_i w_ji^-) R_j / s(sum_i' x_i' w_ji' - l_i' w_ji'^+ - h_i' w_ji'^-)``
-        (bias kept in each term as Zennit does). ``low``/``high`` are floats or tensors broadcastable to the
-        input (per channel: shape ``(1, C, 1, 1)``).
+        (bias kept in each term as Zennit does). ``low``/``high`` are floats, vectors of one bound per channel,
+        or tensors with the input's number of dimensions whose sizes equal the input's or are 1 (the batch may be
+        1); bounds align from the left, and a bound that could align two ways is refused.
 
     References:
         Montavon et al. (2017), Pattern Recognition 65.
