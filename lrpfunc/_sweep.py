@@ -61,6 +61,7 @@ def sweep(
     param_relevance: dict[str, Tensor] | None = None,
     observer: Observer | None = None,
     observed_seeds: Mapping[str, Tensor] | None = None,
+    recorder: Callable[[Any, Any, Sequence[Tensor | None], Sequence[Tensor | None]], None] | None = None,
 ) -> dict[int, Tensor]:
     """Propagate ``seeds`` (value id, cotangent) backwards through the trace; returns the cotangents of the cut
     values that no step consumed (the inputs).
@@ -71,6 +72,8 @@ def sweep(
         param_relevance: If given, filled with the relevance of each parameter (by qualified name).
         observer: Called at each observation with the relevance arriving there; its result propagates on.
         observed_seeds: Relevance added at observations, by observation name (a sweep that starts inside).
+        recorder: Called at every step with its site, its rule, the cotangents of its outputs and those it passes
+            to its inputs (:func:`lrpfunc.conservation`).
     """
     tape = trace.tape
     cut, origin, leaf_of = trace.cut, trace.origin, trace.leaf_of
@@ -115,6 +118,8 @@ def sweep(
                 (vid,) = step.outputs
                 grad = cot.pop(vid, None)
                 if grad is not None and grad.shape == trace.low[step.inputs[0]].shape:
+                    if recorder is not None:
+                        recorder(step.site, step.rule, (grad,), (grad,))
                     add(step.inputs[0], grad)
                     continue
                 if grad is None:
@@ -129,6 +134,8 @@ def sweep(
             call = make_call(trace, step, wants_params)
             results = _apply_rule(trace, step, call, grad_outputs, param_relevance)
             del call
+            if recorder is not None:
+                recorder(step.site, step.rule, grad_outputs, results)
             step.release()  # the sweep reaches every step once: free what its rule computed and read
             for vid, grad in zip(step.inputs, results):
                 if grad is not None:
@@ -154,7 +161,10 @@ def sweep(
             grad_outputs = tuple(
                 torch.zeros_like(tensors[vid]) if grad is None else grad for vid, grad in zip(step.outputs, grads)
             )
-            for vid, grad in zip(step.inputs, step.pullback(grad_outputs)):
+            pulled = step.pullback(grad_outputs)
+            if recorder is not None:
+                recorder(step.site, None, grad_outputs, pulled)
+            for vid, grad in zip(step.inputs, pulled):
                 if grad is not None:
                     add(vid, grad)
     for root in list(pending):
@@ -265,6 +275,8 @@ def _pullback_of(trace: Trace, step: RuledCall) -> Callable[[tuple[Tensor, ...]]
         return _closed_pullback(trace, step)
     if tape.per_op:
         pullbacks = step.pullbacks
+        if step.module is None and len(pullbacks) == 1:  # an operation: its own pullback, one gradient per operand
+            return lambda grad_outputs: tuple(pullbacks[0][2](tuple(grad_outputs)))
 
         def pullback(grad_outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
             cot: dict[int, Tensor] = {}
@@ -284,7 +296,7 @@ def _pullback_of(trace: Trace, step: RuledCall) -> Callable[[tuple[Tensor, ...]]
     tensors, lifted = trace.tensors, step.lifted
 
     def pullback(grad_outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        grads = tape.pullback([tensors[vid] for vid in outputs], [lifted[vid] for vid in inputs], list(grad_outputs))
+        grads = tape.pullback([tensors[vid] for vid in outputs], list(lifted), list(grad_outputs))
         return tuple(torch.zeros_like(low[vid]) if grad is None else grad for vid, grad in zip(inputs, grads))
 
     return pullback

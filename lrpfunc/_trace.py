@@ -73,6 +73,10 @@ class FunctionApply:
         self.cls = cls
         self.__name__ = cls.__name__
         self.__qualname__ = cls.__qualname__
+        #: Whether torch.func can differentiate it (the setup_context style).
+        self.functional = getattr(cls, "setup_context", None) is not getattr(
+            torch.autograd.function._SingleLevelFunction, "setup_context", None
+        )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return _FUNCTION_APPLY(self.cls, *args, **kwargs)
@@ -347,7 +351,9 @@ class RuledCall:
         site: The call site. rule: Its rule. needs_pullback: Whether the rule uses the call's true pullback.
         module: The module called, or ``None`` for an operation.
         inputs: Value ids of the activations the call read from outside, in order of first use.
-        lifted: The tape leaf each input was lifted to inside the call (calls that record their pullback).
+        lifted: The tape leaf each input was lifted to inside the call, aligned with ``inputs`` (calls that record
+            their pullback). An operation call has one input per activation operand (``x * x`` has two), a module
+            call one per value it reads.
         outputs: Value ids of the floating-point activations the call returned.
         nodes: The recorded operations, replayable with other inputs and parameters.
         param_vids: Local parameter names to value ids. params: Parameters that differ from those (merged).
@@ -363,7 +369,7 @@ class RuledCall:
     """
 
     __slots__ = (
-        "site", "rule", "needs_pullback", "module", "inputs", "lifted", "outputs", "nodes", "param_vids", "params",
+        "site", "rule", "needs_pullback", "module", "inputs", "lifted", "index_of", "outputs", "nodes", "param_vids", "params",
         "forward", "input_sources", "op_class", "pullbacks", "merged_from", "transposed", "passes_through", "records",
         "channel_scale", "closed_pullback",
     )
@@ -375,7 +381,8 @@ class RuledCall:
         self.needs_pullback = needs_pullback
         self.module = module
         self.inputs: list[int] = []
-        self.lifted: dict[int, Tensor] = {}
+        self.lifted: list[Tensor | None] = []
+        self.index_of: dict[int, int] = {}
         self.outputs: list[int] = []
         self.nodes: list[Node] = []
         self.param_vids: dict[str, int] = {}
@@ -396,13 +403,17 @@ class RuledCall:
     def quiet(self) -> bool:
         return not self.needs_pullback or self.transposed or self.closed_pullback is not None
 
+    def lifted_vids(self) -> set[int]:
+        """The values already lifted for this call (a second operand of the same value gets a leaf of its own)."""
+        return {vid for vid, lifted in zip(self.inputs, self.lifted) if lifted is not None}
+
     def release(self) -> None:
         """Drop what only this call's rule needed (its recorded operations, merged parameters, pullbacks)."""
         self.params = None
         self.forward = None
         self.channel_scale = None
         self.nodes = []
-        self.lifted = {}
+        self.lifted = []
         self.pullbacks = []
 
 
@@ -948,15 +959,29 @@ class Tracer(TorchFunctionMode):
         finally:
             self.raw -= 1
 
+    def input_index(self, call: RuledCall, vid: int, *, per_position: bool) -> int:
+        """The index of value ``vid`` among the inputs of ``call``, adding it if new (always for an operand of an
+        operation call, so that ``x * x`` has two inputs; once per value for a module call)."""
+        index = None if per_position else call.index_of.get(vid)
+        if index is not None:
+            return index
+        index = len(call.inputs)
+        call.inputs.append(vid)
+        call.input_sources.append(self.source.get(vid))
+        call.index_of.setdefault(vid, index)
+        self.lower(vid)
+        lifted = None
+        if not call.quiet and not self.per_op:
+            tensor = self.tensors[vid]
+            fresh = tensor.grad_fn is None and tensor.requires_grad and vid not in call.lifted_vids()
+            lifted = tensor if fresh else self.tape.lift(tensor)
+        call.lifted.append(lifted)
+        return index
+
     def _passed_through(self, ruled: RuledCall, vid: int) -> Tensor:
-        if vid not in ruled.inputs:
-            ruled.inputs.append(vid)
-            ruled.input_sources.append(self.source.get(vid))
-            self.lower(vid)
-            if not ruled.quiet and not self.per_op:
-                ruled.lifted[vid] = self.tape.lift(self.tensors[vid])
+        index = self.input_index(ruled, vid, per_position=False)
         if not ruled.quiet and not self.per_op:
-            inside = ruled.lifted[vid]
+            inside = ruled.lifted[index]
         else:
             inside = self.lower(vid)
         alias = inside.view_as(inside)
@@ -982,7 +1007,8 @@ class Tracer(TorchFunctionMode):
         if self.vid(args[0]) != vid:
             return _NOT_MERGED
         batch_statistics = getattr(bn, "running_mean", None) is None or getattr(bn, "running_var", None) is None
-        if batch_statistics or (getattr(bn, "training", False) and getattr(bn, "track_running_stats", True)):
+        trains = isinstance(bn, _types.BatchNorm) and bn.training and bn.track_running_stats  # frozen ones never do
+        if batch_statistics or trains:
             raise ValueError(
                 f"merge_batchnorm: {type(bn).__name__} '{name}' runs in training mode (batch statistics), which cannot "
                 f"be folded into '{layer_name}'. Call model.eval() first, or attribute without merge_batchnorm."
@@ -1195,18 +1221,11 @@ class Tracer(TorchFunctionMode):
                 continue
             if vid in self.merged_interior:
                 raise Retry("merge", self.merged_interior[vid])
-            if vid not in call.inputs:
-                call.inputs.append(vid)
-                call.input_sources.append(self.source.get(vid))
-                self.lower(vid)
-                if not quiet and not per_op:
-                    tensor = self.tensors[vid]
-                    fresh = tensor.grad_fn is None and tensor.requires_grad
-                    call.lifted[vid] = tensor if fresh else self.tape.lift(tensor)
+            index = self.input_index(call, vid, per_position=call.module is None)
             if quiet:
                 leaves[position] = self.lower(vid)
             elif not per_op:
-                leaves[position] = call.lifted[vid]
+                leaves[position] = call.lifted[index]
         if per_op and not quiet and act:
             result, pullback = self._run_vjp(fn, leaves, spec, act)
         else:
@@ -1280,7 +1299,7 @@ class Tracer(TorchFunctionMode):
             ruled = RuledCall(site, rule, _needs_pullback(rule), None, op_class=info.op_class)
             if act == [0]:
                 ruled.transposed = _ops.transpose_of(func, *unflatten_call(spec, leaves)) is not None
-            elif act == [0, 1] and vids[0] != vids[1]:
+            elif act == [0, 1]:
                 ruled.closed_pullback = _ops.sum_pullback_of(func)
             for local, tensor in info.params.items():
                 vid = self.vid_of.get(id(tensor))
@@ -1415,21 +1434,20 @@ class Tracer(TorchFunctionMode):
 
 
 def _run(fn: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any], stack: Sequence[str]) -> Any:
-    """``fn(*args, **kwargs)``; a custom autograd function that ``torch.func`` cannot differentiate is named."""
+    """``fn(*args, **kwargs)``; a custom autograd function that ``torch.func`` cannot differentiate is refused, on
+    every tape alike (the plain-autograd tape could run it, but whether a call may take that tape depends on its
+    arguments, and the answer must not)."""
     if type(fn) is not FunctionApply:
         return fn(*args, **kwargs)
-    try:
-        return fn(*args, **kwargs)
-    except RuntimeError as error:
-        if "setup_context" not in str(error) and "functorch" not in str(error):
-            raise
+    if not fn.functional:
         where = stack[-1] if stack else "the model"
         raise RuntimeError(
             f"attribute: the custom autograd function {fn.cls.__qualname__} in '{where}' cannot be differentiated by "
-            f"torch.func (it needs the setup_context style: forward without ctx plus a setup_context staticmethod, see "
-            f"https://pytorch.org/docs/stable/notes/extending.func.html); lrpfunc needs that to propagate through it "
-            f"exactly. Rewrite it in that style, or give its module a rule. ({error})"
-        ) from error
+            f"torch.func: it has no setup_context staticmethod (its forward takes ctx). lrpfunc propagates through it "
+            f"with torch.func, so rewrite it in the setup_context style (forward without ctx plus a setup_context "
+            f"staticmethod; https://pytorch.org/docs/stable/notes/extending.func.html), or give its module a rule."
+        )
+    return fn(*args, **kwargs)
 
 
 _NOT_MERGED = object()
