@@ -4,6 +4,7 @@ from . import canonizers, composites, evaluate, ops, rules, types
 from ._attribute import attribute, attribute_with_params, rule_table
 from ._attributors import integrated_gradients, occlusion, smooth_grad
 from ._basic import ParamMod
+from ._conservation import ConservationReport, SiteRelevance, conservation
 from ._call import Call, Propagated, RuleError
 from ._composite import CallSite, RuleTable
 from ._stabilize import Stabilizer, stabilize
@@ -12,6 +13,9 @@ __all__ = [
     "attribute",
     "attribute_with_params",
     "rule_table",
+    "conservation",
+    "ConservationReport",
+    "SiteRelevance",
     "integrated_gradients",
     "smooth_grad",
     "occlusion",
