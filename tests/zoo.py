@@ -1666,3 +1666,24 @@ def example_input(name: str, seed: int = 0) -> Tensor:
     entry = _entry("example_input", name)
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(entry.input_shape, generator=generator, dtype=torch.float64)
+
+
+def without_biases(model: nn.Module) -> nn.Module:
+    """Zero every bias of ``model`` in place (layer biases, BatchNorm and LayerNorm shifts and running means): the
+    model is then a composition of homogeneous maps, on which rules that conserve relevance conserve it exactly."""
+    with torch.no_grad():
+        for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+            if name.rsplit(".", 1)[-1] in ("bias", "running_mean"):
+                tensor.zero_()
+    return model
+
+
+def target_of(name: str, output: Tensor) -> Tensor:
+    """The ``grad_output`` the tests start from: the one-hot of the predicted class for a classifier; for the
+    segmentation map of ``unet``, the output's own positive part in class 0 (relevance only where the model put
+    evidence, as LRP starts from ``f(x)``)."""
+    if output.ndim == 2:
+        return torch.nn.functional.one_hot(output.argmax(1), output.shape[1]).to(output.dtype)
+    target = torch.zeros_like(output)
+    target[:, 0] = output[:, 0].clamp(min=0)
+    return target
