@@ -82,8 +82,11 @@ def unwrap(tensor: torch.Tensor, level: int) -> torch.Tensor:
 
 
 def level_of(tensor: torch.Tensor) -> int | None:
-    """The functorch level ``tensor`` is wrapped at, or ``None``."""
-    return maybe_get_level(tensor) if AVAILABLE else None
+    """The functorch level ``tensor`` is wrapped at, or ``None`` (torch answers -1 for a tensor that is not wrapped)."""
+    if not AVAILABLE:
+        return None
+    level = maybe_get_level(tensor)
+    return None if level < 0 else level
 
 
 def make_differentiable(tensor: torch.Tensor) -> torch.Tensor:
