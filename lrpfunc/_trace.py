@@ -1186,7 +1186,7 @@ class Tracer(TorchFunctionMode):
     def inside_call(self, call: RuledCall, func: Callable[..., Any], fn: Callable[..., Any], leaves: list[Any], spec: Any,
                     act: list[int], vids: list[int | None]) -> Any:
         """An operation inside a ruled call: the activations it reads from outside become the call's inputs."""
-        op_class = self.class_of(func, fn, leaves, spec) if call.records or self.record_sites else None
+        op_class = self.class_of(func, fn, leaves, spec)
         op_index = self.op_index
         self.op_index += 1
         if self.record_sites:

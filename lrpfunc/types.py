@@ -21,6 +21,7 @@ __all__ = [
     "DuckType",
     "Sum",
     "ReLU",
+    "ActivationLike",
     "Normalization",
     "LayerNormLike",
     "RMSNormLike",
@@ -127,7 +128,11 @@ MaxPool: tuple[type[nn.Module], ...] = (
     nn.AdaptiveMaxPool2d,
     nn.AdaptiveMaxPool3d,
 )
-#: Element-wise activations (Zennit's ``Activation`` type).
+#: Element-wise activation modules written by hand, matched by name: HuggingFace's ``transformers.activations``
+#: (``NewGELUActivation``, ``GELUActivation``, ``QuickGELUActivation``, ``SiLUActivation``, ``GELUTanh``, ...).
+ActivationLike = duck("ActivationLike", class_name=r"(Activation|GELU|GELUTanh)$")
+
+#: Element-wise activations (Zennit's ``Activation`` type, and hand-written ones found by :data:`ActivationLike`).
 Activation: tuple[type[nn.Module], ...] = (
     nn.ELU,
     nn.Hardshrink,
@@ -152,6 +157,7 @@ Activation: tuple[type[nn.Module], ...] = (
     nn.Tanh,
     nn.Tanhshrink,
     nn.Threshold,
+    ActivationLike,
 )
 
 #: ReLU as a module or a function (``F.relu``, ``torch.relu``, ``Tensor.relu`` and their in-place variants).
