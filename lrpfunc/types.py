@@ -129,8 +129,13 @@ MaxPool: tuple[type[nn.Module], ...] = (
     nn.AdaptiveMaxPool3d,
 )
 #: Element-wise activation modules written by hand, matched by name: HuggingFace's ``transformers.activations``
-#: (``NewGELUActivation``, ``GELUActivation``, ``QuickGELUActivation``, ``SiLUActivation``, ``GELUTanh``, ...).
-ActivationLike = duck("ActivationLike", class_name=r"(Activation|GELU|GELUTanh)$")
+#: (``NewGELUActivation``, ``GELUActivation``, ``QuickGELUActivation``, ``SiLUActivation``, ``GELUTanh``, ...), which
+#: have no submodules (torchvision's ``Conv2dNormActivation`` is a block, not an activation).
+ActivationLike = duck(
+    "ActivationLike",
+    class_name=r"(Activation|GELU|GELUTanh)$",
+    where=lambda module: next(iter(module.children()), None) is None,
+)
 
 #: Element-wise activations (Zennit's ``Activation`` type, and hand-written ones found by :data:`ActivationLike`).
 Activation: tuple[type[nn.Module], ...] = (
