@@ -408,8 +408,9 @@ def attribute_with_params(
         maps qualified parameter names to tensors of the parameters' shapes. For calls a canonizer merged
         (BatchNorm folded into a convolution), the relevance is that of the merged parameter and is
         reported under the layer's own parameter name. For operations with parameter operands (``F.linear``
-        written in a forward, HuggingFace ``Conv1D``), the model's parameter names are used. Composes with
-        ``torch.func`` like :func:`attribute`.
+        written in a forward, HuggingFace ``Conv1D``), the model's parameter names are used; for a constant operand
+        computed inside a module from its parameters (a learned position embedding added to the token embeddings),
+        the name of that module. Composes with ``torch.func`` like :func:`attribute`.
     """
     where = f"attribute_with_params({type(model).__name__}, composite)"
     setup = Setup(where, model, composite, _check_setup(where, model, composite, canonizers))

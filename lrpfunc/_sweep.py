@@ -384,5 +384,7 @@ def _apply_rule(
         for local, value in params.items():
             vid = step.param_vids.get(local) if step.forward is None else None
             name = trace.param_names.get(vid) if vid is not None else None
+            if name is None and vid is not None and vid in trace.static_origin:
+                name = trace.static_origin[vid]  # a constant operand: the module that made it
             _accumulate(param_relevance, name if name is not None else prefix + local, value)
     return result

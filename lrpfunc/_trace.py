@@ -465,6 +465,8 @@ class Trace:
         piece_parent, piece_leaves, piece_of: Union-find over the pieces of the tape between cuts.
         leaf_of, origin: A cut value's lifted leaf, and back.
         param_names: Value id of each parameter or buffer to its qualified name.
+        static_origin: Value id of a constant computed inside a module call (from parameters and buffers alone, like a
+            position embedding) to that module's name.
         input_ids, output_ids: Value ids of the input and output leaves (``None`` for a leaf without one).
         output: The model's output at the caller's level.
         sites: Every call site with its rule (or what covered it), when the tracer recorded them.
@@ -482,6 +484,7 @@ class Trace:
     leaf_of: dict[int, int]
     origin: dict[int, int]
     param_names: dict[int, str]
+    static_origin: dict[int, str]
     input_ids: list[int | None]
     output: Any
     output_ids: list[int | None]
@@ -710,6 +713,7 @@ class Tracer(TorchFunctionMode):
         self.owner: dict[int, RuledCall] = {}
         self.source: dict[int, type | None] = {}
         self.param_names: dict[int, str] = {}
+        self.static_origin: dict[int, str] = {}
         self.substitute: dict[int, Tensor] = {}
         self.keep_alive: list[Tensor] = []
         self.view_base: dict[int, int] = {}
@@ -1166,7 +1170,13 @@ class Tracer(TorchFunctionMode):
     def static_op(self, fn: Callable[..., Any], leaves: list[Any], spec: Any) -> Any:
         args, kwargs = unflatten_call(spec, leaves)
         result = _run(fn, args, kwargs, self.stack)
-        self._register_outputs(result, activation=False)
+        if self.stack and self.stack[-1]:  # a constant made inside a submodule (a position embedding): remember it
+            origin = self.stack[-1]
+            for ref in self._register_outputs(result, activation=False)[0]:
+                if type(ref) is Ref:  # the module that made it, not one that passed it on (``.to(device)``)
+                    self.static_origin.setdefault(ref.vid, origin)
+        else:
+            self._register_outputs(result, activation=False)
         return result
 
     def classify(self, func: Callable[..., Any], fn: Callable[..., Any], leaves: list[Any], spec: Any) -> _ops.OpInfo:
@@ -1426,6 +1436,7 @@ class Tracer(TorchFunctionMode):
             leaf_of=self.leaf_of,
             origin=self.origin,
             param_names=self.param_names,
+            static_origin=self.static_origin,
             input_ids=input_ids,
             output=lowered,
             output_ids=output_ids,
