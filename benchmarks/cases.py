@@ -4,13 +4,15 @@ Each ``impl(setup, variant, peers)`` is a context manager that prepares everythi
 timed (its own deep copy of the model, registered hooks, a built attribution function) and yields a
 zero-argument callable that does exactly one measured unit of work and returns its result. Leaving
 the context undoes the preparation. An implementation that does not support a variant raises
-:class:`Unsupported` (shown in the table with its reason) or :class:`NotApplicable` (shown as "-").
+:class:`Unsupported` (shown in the table with its reason) or :class:`NotApplicable` (shown as "-", or
+as "n/a" with a footnote when it carries a reason).
 
 Tasks (``TASKS``):
 
 * ``first-order``: (output, relevance) for one batch and a one-hot ``grad_output``; variants are the
-  composites ``gradient`` (no rules), ``epsilon`` (epsilon on every conv/linear layer), ``epsilon_plus_flat``
-  and ``epsilon_gamma_box`` (low=-3, high=3). Floor: ``torch.autograd.grad`` of the input.
+  composites ``gradient`` (no rules), ``epsilon`` (epsilon on every conv/linear layer), ``epsilon_plus``,
+  ``epsilon_plus_flat`` and ``epsilon_gamma_box`` (low=-3, high=3); each configuration measures its own
+  list of them (``benchmarks/configs.py``). Floor: ``torch.autograd.grad`` of the input.
 * ``all-class``: relevance maps of K classes (variants 10, 100) for a single input. Floor:
   ``torch.func.vmap`` over the pullback of ``torch.func.vjp``.
 * ``train-step``: gradient w.r.t. all parameters of a loss on the attribution (explanation-guided
@@ -27,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from benchmarks.configs import Config
 from benchmarks.peers import Peers
 
 
@@ -35,29 +38,50 @@ class Unsupported(Exception):
 
 
 class NotApplicable(Exception):
-    """The cell makes no sense for this implementation (e.g. a peer's 'no rules' composite)."""
+    """The cell makes no sense for this implementation (e.g. a peer's 'no rules' composite); an optional
+    message says why where that is not obvious."""
 
 
-COMPOSITES = ("gradient", "epsilon", "epsilon_plus_flat", "epsilon_gamma_box")
+COMPOSITES = ("gradient", "epsilon", "epsilon_plus", "epsilon_plus_flat", "epsilon_gamma_box")
 LOW, HIGH = -3.0, 3.0
+FAMILIES = ("resnet", "vgg", "mobilenet", "mlp", "transformer")
 
 
 @dataclasses.dataclass
 class Setup:
-    """One model configuration: the pristine model (never registered on) and its inputs."""
+    """One configuration with its data: the pristine model (never registered on) and its inputs."""
 
-    model_name: str
+    config: Config
     model: nn.Module
-    size: int
-    batch: int
-    x: Tensor  # (batch, 3, size, size), values in [LOW, HIGH]
+    x: Tensor  # config.input_shape, standard normal clamped to [LOW, HIGH]
     targets: Tensor  # (batch,) class indices
     grad_output: Tensor  # (batch, num_classes) one-hot of targets
-    mask: Tensor  # (1, 1, size, size): region whose relevance the training loss penalises
+    mask: Tensor | None  # (1, 1, size, size): region whose relevance the training loss penalises (images only)
+    share_model: bool = False  # fresh_model() hands out the model itself (checks that inspect it afterwards)
+
+    @property
+    def model_name(self) -> str:
+        return self.config.model
+
+    @property
+    def size(self) -> int | None:
+        return self.config.size
+
+    @property
+    def batch(self) -> int:
+        return self.config.batch
+
+    @property
+    def threads(self) -> int | None:
+        return self.config.threads
 
     @property
     def family(self) -> str:
-        return "resnet" if self.model_name.startswith("resnet") else "vgg"
+        """``resnet``, ``vgg``, ``mobilenet``, ``mlp`` or ``transformer``: decides the peers' canonizers."""
+        for family in FAMILIES:
+            if self.model_name.startswith(family):
+                return family
+        raise ValueError(f"Setup.family: model {self.model_name!r} belongs to none of {FAMILIES}")
 
     @property
     def has_batchnorm(self) -> bool:
@@ -69,31 +93,39 @@ class Setup:
 
     @property
     def label(self) -> str:
-        return f"{self.model_name} {self.size}px b{self.batch}"
+        return self.config.label
 
     def fresh_model(self) -> nn.Module:
-        return copy.deepcopy(self.model)
+        """A deep copy of the model (the model itself with ``share_model``)."""
+        return self.model if self.share_model else copy.deepcopy(self.model)
 
     def single(self) -> Setup:
         """The same configuration with batch size 1 (for per-input tasks)."""
-        return dataclasses.replace(
-            self, batch=1, x=self.x[:1], targets=self.targets[:1], grad_output=self.grad_output[:1]
-        )
+        return self.with_batch(1)
+
+    def with_batch(self, batch: int) -> Setup:
+        """The configuration with its first ``batch`` inputs (at most its own batch)."""
+        if not 1 <= batch <= self.batch:
+            raise ValueError(f"Setup.with_batch: batch must be within 1..{self.batch}, got {batch}")
+        return dataclasses.replace(self, config=self.config.with_batch(batch), x=self.x[:batch],
+                                   targets=self.targets[:batch], grad_output=self.grad_output[:batch])
 
 
-def make_setup(model_name: str, model: nn.Module, size: int, batch: int, device: torch.device,
-               seed: int = 0) -> Setup:
+def make_setup(config: Config, model: nn.Module, device: torch.device, seed: int = 0) -> Setup:
+    """Inputs for ``config``: x standard normal clamped to [LOW, HIGH], one-hot targets ``(7 i + 3) % C``."""
     dtype = next(model.parameters()).dtype
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 3, size, size, generator=gen, dtype=dtype).clamp_(LOW, HIGH)
+    x = torch.randn(config.input_shape, generator=gen, dtype=dtype).clamp_(LOW, HIGH)
     with torch.no_grad():
         num_classes = model(x[:1].to(device)).shape[1]
-    targets = (torch.arange(batch) * 7 + 3) % num_classes
+    targets = (torch.arange(config.batch) * 7 + 3) % num_classes
     grad_output = nn.functional.one_hot(targets, num_classes).to(dtype)
-    mask = torch.ones(1, 1, size, size, dtype=dtype)
-    mask[..., size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 0.0  # penalise relevance off-centre
-    return Setup(model_name, model, size, batch, x.to(device), targets.to(device), grad_output.to(device),
-                 mask.to(device))
+    mask = None
+    if config.is_image:
+        size = config.size
+        mask = torch.ones(1, 1, size, size, dtype=dtype, device=device)
+        mask[..., size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 0.0  # penalise relevance off-centre
+    return Setup(config, model, x.to(device), targets.to(device), grad_output.to(device), mask)
 
 
 def class_grad_outputs(setup: Setup, k: int) -> Tensor:
@@ -123,6 +155,8 @@ def lrpfunc_composite(lrpfunc: Any, name: str) -> Any:
         # average pools norm, BatchNorm pass) and epsilon on every convolution and dense layer.
         composites, rules, types = lrpfunc.composites, lrpfunc.rules, lrpfunc.types
         return composites.layer_map([*composites.layer_map_base(), (types.Linear, rules.epsilon())])
+    if name == "epsilon_plus":
+        return lrpfunc.composites.epsilon_plus()
     if name == "epsilon_plus_flat":
         return lrpfunc.composites.epsilon_plus_flat()
     if name == "epsilon_gamma_box":
@@ -140,8 +174,13 @@ def lrpfunc_canonizers(lrpfunc: Any, setup: Setup) -> tuple[Any, ...]:
 
 
 def zennit_canonizers(zennit: Any, setup: Setup) -> list[Any]:
+    """ResNet: ``ResNetCanonizer``; MobileNetV2: ``SequentialMergeBatchNorm`` (no Zennit canonizer
+    handles its residual sum ``x + self.conv(x)``, which therefore keeps the plain gradient); other
+    models with BatchNorm: ``VGGCanonizer`` (the same BatchNorm merge)."""
     if setup.family == "resnet":
         return [zennit.torchvision.ResNetCanonizer()]
+    if setup.family == "mobilenet":
+        return [zennit.canonizers.SequentialMergeBatchNorm()]
     if setup.has_batchnorm:
         return [zennit.torchvision.VGGCanonizer()]
     return []
@@ -149,9 +188,11 @@ def zennit_canonizers(zennit: Any, setup: Setup) -> list[Any]:
 
 def zennit_composite(zennit: Any, name: str, setup: Setup) -> Any:
     composites, rules, types = zennit.composites, zennit.rules, zennit.types
-    canonizers = zennit_canonizers(zennit, setup)
     if name == "gradient":
         raise NotApplicable
+    if setup.family == "transformer":
+        raise NotApplicable(ZENNIT_TRANSFORMER)
+    canonizers = zennit_canonizers(zennit, setup)
     if name == "epsilon":
         # layer_map_base: Activation -> Pass, Sum (ResNet canonizer) -> Norm, AvgPool -> Norm,
         # BatchNorm -> Pass; then Epsilon on every Linear-type (convolutions and nn.Linear).
@@ -159,11 +200,21 @@ def zennit_composite(zennit: Any, name: str, setup: Setup) -> Any:
             layer_map=composites.layer_map_base() + [(types.Linear, rules.Epsilon())],
             canonizers=canonizers,
         )
+    if name == "epsilon_plus":
+        return composites.EpsilonPlus(canonizers=canonizers)
     if name == "epsilon_plus_flat":
         return composites.EpsilonPlusFlat(canonizers=canonizers)
     if name == "epsilon_gamma_box":
         return composites.EpsilonGammaBox(low=LOW, high=HIGH, canonizers=canonizers)
     raise ValueError(name)
+
+
+ZENNIT_TRANSFORMER = ("not measured: Zennit has no transformer composite (its layer_map_base gives "
+                      "nn.MultiheadAttention the Pass rule of an activation)")
+CAPTUM_NO_RULE = {
+    "mobilenet": "captum LRP has no rule for ReLU6",
+    "transformer": "captum LRP has no rule for the transformer's modules (MultiheadAttention's out_proj, LayerNorm)",
+}
 
 
 def _require(peers: Peers, name: str) -> Any:
@@ -224,10 +275,14 @@ def first_captum(setup: Setup, variant: str, peers: Peers) -> Iterator[Callable[
     attr = _require(peers, "captum")
     if variant == "gradient":
         raise NotApplicable
+    if variant == "epsilon_plus":
+        raise Unsupported("captum LRP has no ZPlus rule")
     if variant == "epsilon_plus_flat":
         raise Unsupported("captum LRP has no Flat (or ZPlus) rule")
     if variant == "epsilon_gamma_box":
         raise Unsupported("captum LRP has no ZBox rule")
+    if setup.family in CAPTUM_NO_RULE:
+        raise Unsupported(CAPTUM_NO_RULE[setup.family])
     model = setup.fresh_model()
     # Captum's default rules: EpsilonRule(1e-9) on Conv2d/Linear/BatchNorm2d/pooling, ReLU/Dropout passed.
     lrp = attr.LRP(model)
@@ -389,6 +444,7 @@ class Task:
     variants: tuple[Any, ...]
     per_input: bool = False  # measured once per (model, size) with batch 1
     note: str = ""
+    peer: str | None = None  # the implementation lrpfunc's time is also divided by ("lrpfunc/<peer>")
 
 
 TASKS: dict[str, Task] = {
@@ -403,6 +459,7 @@ TASKS: dict[str, Task] = {
              "(its tracing overhead); zennit = hooks registered once outside the timed region; "
              "zennit-attributor = zennit.attribution.Gradient, which registers and removes the composite "
              "on every call; captum re-attaches its rules and restores the state_dict on every call",
+        peer="zennit",
     ),
     "all-class": Task(
         "all-class",
@@ -414,6 +471,7 @@ TASKS: dict[str, Task] = {
         per_input=True,
         note="plain = vmap over torch.func.vjp's pullback; lrpfunc = vmap over grad_output; zennit-loop = "
              "one forward, K backward passes (retain_graph); zennit-batch = input repeated K times",
+        peer="zennit-loop",
     ),
     "train-step": Task(
         "train-step",
@@ -423,5 +481,6 @@ TASKS: dict[str, Task] = {
         variants=(TRAIN_COMPOSITE,),
         note="plain = double backprop of the input gradient; lrpfunc = torch.func.grad of the loss; "
              "zennit = its create_graph=True recipe, second pass with composite.inactive()",
+        peer="zennit",
     ),
 }

@@ -10,15 +10,20 @@ the module in place, so its canonized model computes ``(1 + eps) ** -0.5`` times
 every BatchNorm (output off by ~5e-5 relative on ResNet-18 even in float64) while lrpfunc merges
 exactly; with ``eps = 0`` both are exact and must agree to rounding. The float32 difference on the
 benchmark's own model is printed as INFO.
+
+The models with an input of their own (``mlp100``, ``mobilenet_v2``, ``transformer``) get
+:func:`check_fixed`: lrpfunc without rules is the gradient, every implementation leaves the model as it
+found it (Zennit's hooks removed), the transformer's rows take no fused kernel, lrpfunc against Zennit.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
-from benchmarks import cases, models
+from benchmarks import cases, configs, models
 from benchmarks.cases import Setup
 from benchmarks.peers import Peers
 
@@ -51,7 +56,7 @@ def float64_setup(setup: Setup, *, batchnorm_eps: float | None = None) -> Setup:
         for m in model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.eps = batchnorm_eps
-    return cases.make_setup(setup.model_name, model, setup.size, min(setup.batch, 2), setup.x.device)
+    return cases.make_setup(setup.config.with_batch(min(setup.batch, 2)), model, setup.x.device)
 
 
 def check_models(check: Checker, setups: list[Setup], peers: Peers) -> None:
@@ -88,7 +93,7 @@ def check_zennit(check: Checker, setup: Setup, peers: Peers) -> None:
     with torch.no_grad():
         exact_reference = exact_model(exact.x)
     what = "float64" + (", BatchNorm eps=0" if setup.has_batchnorm else "")
-    for variant in cases.COMPOSITES[1:]:
+    for variant in setup.config.composites[1:]:
         out, sums = _zennit_canonized_output(zennit, exact, exact_model, variant)
         err = rel_err(out, exact_reference)
         check(f"zennit {variant}: canonized output == plain output ({what})", err < 1e-10, f"rel. err {err:.1e}")
@@ -96,7 +101,7 @@ def check_zennit(check: Checker, setup: Setup, peers: Peers) -> None:
             check(f"zennit {variant}: ResNet canonizer replaced every residual sum", sums == blocks,
                   f"{sums} Sum modules for {blocks} blocks")
     if setup.has_batchnorm:
-        out, _ = _zennit_canonized_output(zennit, setup, model, cases.COMPOSITES[1])
+        out, _ = _zennit_canonized_output(zennit, setup, model, setup.config.composites[1])
         check("zennit canonized output vs plain output (float32 benchmark model)", "info",
               f"rel. err {rel_err(out, reference):.1e} (Zennit's merged BatchNorm still divides by sqrt(1 + eps))")
     check("zennit: state restored bit for bit after the composites",
@@ -157,7 +162,8 @@ def check_captum(check: Checker, setup: Setup, peers: Peers) -> None:
           f"rel. err {err:.1e}" + (f"; {note}" if note else ""))
 
 
-def check_lrpfunc(check: Checker, setup: Setup, peers: Peers) -> None:
+def check_lrpfunc_gradient(check: Checker, setup: Setup, peers: Peers) -> None:
+    """lrpfunc without a composite gives the output and ``torch.autograd.grad`` of the input (float32)."""
     reference_out, gradient = cases._input_gradient(setup.fresh_model(), setup.x, setup.grad_output)
     try:
         with cases.first_lrpfunc(setup, "gradient", peers) as call:
@@ -166,13 +172,17 @@ def check_lrpfunc(check: Checker, setup: Setup, peers: Peers) -> None:
         check("lrpfunc composite=None == torch.autograd.grad (float32)", err < 1e-5, f"rel. err {err:.1e}")
     except Exception as exc:
         check("lrpfunc composite=None runs", False, _status(exc))
+
+
+def check_lrpfunc(check: Checker, setup: Setup, peers: Peers) -> None:
+    check_lrpfunc_gradient(check, setup, peers)
     if peers.zennit is None:
         check("lrpfunc vs zennit", None, "zennit not available")
         return
 
     exact = float64_setup(setup, batchnorm_eps=0.0 if setup.has_batchnorm else None)
     what = "float64" + (", BatchNorm eps=0" if setup.has_batchnorm else "")
-    for variant in cases.COMPOSITES[1:]:
+    for variant in setup.config.composites[1:]:
         try:
             with cases.first_lrpfunc(exact, variant, peers) as call:
                 relevance = call()[1]
@@ -268,16 +278,214 @@ def check_train_step(check: Checker, setup: Setup, peers: Peers) -> None:
               f"rel. err {err:.1e} (known wrong: rules read param.data)")
 
 
+# --------------------------------------------------------------------------------------------------
+# the models with an input of their own (mlp100, mobilenet_v2, transformer)
+# --------------------------------------------------------------------------------------------------
+
+HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+FUSED_KERNELS = ("_transformer_encoder_layer_fwd", "_native_multi_head_attention")
+# Families whose lrpfunc relevance must equal Zennit's (float64); elsewhere the difference is INFO.
+EQUAL_TO_ZENNIT = frozenset({"mlp"})
+DIFFERENT_FROM_ZENNIT = {
+    "mobilenet": "no Zennit canonizer handles the residual sum x + self.conv(x) (Zennit gives it the plain "
+                 "gradient), nor the functional adaptive_avg_pool2d",
+}
+
+
+def module_hooks(model: torch.nn.Module) -> int:
+    """The number of forward, forward-pre, backward and backward-pre hooks on the modules of ``model``."""
+    return sum(len(getattr(m, name)) for m in model.modules() for name in HOOK_DICTS)
+
+
+@dataclasses.dataclass
+class ModelState:
+    """What an implementation must leave as it found: every module (name, type, training flag and
+    attribute names, which show e.g. a left-over ``forward`` override), every parameter and buffer
+    (copied), and which of them require grad."""
+
+    modules: list[tuple[str, type, bool, tuple[str, ...]]]
+    tensors: dict[str, torch.Tensor]
+    requires_grad: dict[str, bool]
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> ModelState:
+        tensors = model.state_dict(keep_vars=True)
+        return cls([(name, type(m), m.training, tuple(sorted(vars(m)))) for name, m in model.named_modules()],
+                   {k: v.detach().clone() for k, v in tensors.items()},
+                   {k: v.requires_grad for k, v in tensors.items()})
+
+    def __eq__(self, other: object) -> bool:
+        """Equal module lists and flags, bit-for-bit equal tensors."""
+        return (isinstance(other, ModelState) and self.modules == other.modules
+                and self.requires_grad == other.requires_grad and self.tensors.keys() == other.tensors.keys()
+                and all(torch.equal(v, other.tensors[k]) for k, v in self.tensors.items()))
+
+
+@contextlib.contextmanager
+def count_fused_calls() -> Iterator[dict[str, int]]:
+    """Count the calls of PyTorch's fused transformer kernels (:data:`FUSED_KERNELS`) inside the block.
+
+    ``nn.TransformerEncoderLayer`` and ``nn.MultiheadAttention`` look them up on the ``torch`` module
+    when they take their fast path, so wrapping the module attributes sees every call.
+    """
+    counts = dict.fromkeys(FUSED_KERNELS, 0)
+    originals = {name: getattr(torch, name) for name in FUSED_KERNELS}
+
+    def counting(name: str) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            counts[name] += 1
+            return originals[name](*args, **kwargs)
+        return wrapper
+
+    try:
+        for name in FUSED_KERNELS:
+            setattr(torch, name, counting(name))
+        yield counts
+    finally:
+        for name, original in originals.items():
+            setattr(torch, name, original)
+
+
+def check_untouched(check: Checker, setup: Setup, impl: str, variant: str, peers: Peers) -> None:
+    """Run ``impl`` (its own context manager, twice) on a model the check keeps, then compare the model
+    with what it was: modules, state bit for bit, output, and hooks (Zennit's while registered: some;
+    after: none; lrpfunc: none ever)."""
+    factory = cases.TASKS["first-order"].impls[impl]
+    model = setup.fresh_model()
+    before = ModelState.of(model)
+    with torch.no_grad():
+        output_before = model(setup.x)
+    shared = dataclasses.replace(setup, model=model, share_model=True)
+    try:
+        with factory(shared, variant, peers) as call:
+            hooks_while = module_hooks(model)
+            call()
+            call()
+    except (cases.NotApplicable, cases.Unsupported):
+        return
+    except Exception as exc:
+        check(f"{impl} {variant} runs", False, _status(exc))
+        return
+    hooks_after = module_hooks(model)
+    with torch.no_grad():
+        output_after = model(setup.x)
+    unchanged = before == ModelState.of(model) and torch.equal(output_before, output_after)
+    check(f"{impl} {variant}: the model is unchanged afterwards (modules, state bit for bit, output)", unchanged)
+    if impl == "zennit":
+        check(f"zennit {variant}: hooks registered while active, all removed afterwards",
+              hooks_while > 0 and hooks_after == 0, f"{hooks_while} while registered, {hooks_after} after")
+    elif impl == "zennit-attributor":
+        check(f"zennit-attributor {variant}: no hooks left after its calls", hooks_after == 0,
+              f"{hooks_after} after")
+    else:
+        check(f"{impl} {variant}: no hooks on the model", hooks_while == hooks_after == 0,
+              f"{hooks_while} while active, {hooks_after} after")
+
+
+def check_fast_path(check: Checker, setup: Setup, peers: Peers) -> None:
+    """No measured row of the transformer runs PyTorch's fused encoder-layer or attention kernel (it
+    would skip the Python operations that lrpfunc records); a forward under ``no_grad`` does, which
+    shows that the counting works."""
+    model = setup.fresh_model()
+    with count_fused_calls() as counts, torch.no_grad():
+        model(setup.x)
+    check("transformer: the fused kernels are counted (a no_grad forward takes them)", sum(counts.values()) > 0,
+          ", ".join(f"{k} x{v}" for k, v in counts.items()))
+    rows = [("plain", "gradient")] + [("lrpfunc", v) for v in setup.config.composites]
+    for impl, variant in rows:
+        try:
+            with count_fused_calls() as counts, cases.TASKS["first-order"].impls[impl](setup, variant, peers) as call:
+                call()
+        except (cases.NotApplicable, cases.Unsupported):
+            continue
+        except Exception as exc:
+            check(f"{impl} {variant} runs", False, _status(exc))
+            continue
+        check(f"transformer {impl} {variant}: no fused kernel (the Python operations run)",
+              sum(counts.values()) == 0, ", ".join(f"{k} x{v}" for k, v in counts.items()))
+
+
+def check_rule_sites(check: Checker, setup: Setup, peers: Peers, variant: str) -> None:
+    """INFO: how many of lrpfunc's call sites the variant's composite gives a rule (``lrpfunc.rule_table``)."""
+    lrpfunc = peers.lrpfunc
+    try:
+        lines = str(lrpfunc.rule_table(setup.model, cases.lrpfunc_composite(lrpfunc, variant), setup.x,
+                                       *cases.lrpfunc_canonizers(lrpfunc, setup))).splitlines()
+    except Exception as exc:
+        check(f"lrpfunc rule_table {variant}", "info", _status(exc))
+        return
+    ruled = [line.split()[1].strip("'") for line in lines
+             if line.rstrip() and not line.rstrip().endswith(" -") and "(covered by" not in line]
+    check(f"lrpfunc {variant}: call sites with a rule", "info",
+          f"{len(ruled)} of {len(lines)}: {', '.join(ruled[:8])}{' ...' if len(ruled) > 8 else ''}")
+
+
+def check_against_zennit(check: Checker, setup: Setup, peers: Peers) -> None:
+    """lrpfunc vs Zennit in float64 (BatchNorm eps = 0, see the module docstring): PASS/FAIL where the two
+    must agree (:data:`EQUAL_TO_ZENNIT`), INFO where they differ by design (:data:`DIFFERENT_FROM_ZENNIT`)."""
+    exact = float64_setup(setup, batchnorm_eps=0.0 if setup.has_batchnorm else None)
+    what = "float64" + (", BatchNorm eps=0" if setup.has_batchnorm else "")
+    for variant in setup.config.composites[1:]:
+        try:
+            with cases.first_zennit(exact, variant, peers) as call:
+                zennit_relevance = call()[1]
+        except (cases.NotApplicable, cases.Unsupported):
+            continue
+        try:
+            with cases.first_lrpfunc(exact, variant, peers) as call:
+                relevance = call()[1]
+        except Exception as exc:
+            check(f"lrpfunc {variant} runs", False, _status(exc))
+            continue
+        err = rel_err(relevance, zennit_relevance)
+        if setup.family in EQUAL_TO_ZENNIT:
+            check(f"lrpfunc {variant} == zennit {variant} ({what})", err < 1e-8, f"rel. err {err:.1e}")
+        else:
+            why = DIFFERENT_FROM_ZENNIT.get(setup.family, "")
+            check(f"lrpfunc {variant} vs zennit {variant} ({what})", "info",
+                  f"rel. err {err:.1e}" + (f"; {why}" if why else ""))
+
+
+def check_fixed(check: Checker, setup: Setup, peers: Peers) -> None:
+    """The checks of a model with an input of its own: lrpfunc without rules is the gradient; every
+    implementation leaves the model as it found it (Zennit's hooks removed); the transformer's rows take
+    no fused kernel; lrpfunc against Zennit."""
+    if peers.lrpfunc is not None:
+        check_lrpfunc_gradient(check, setup, peers)
+    else:
+        check("lrpfunc checks", None, f"lrpfunc: not available: {peers.why.get('lrpfunc', '')}")
+    if setup.family == "transformer":
+        check_fast_path(check, setup, peers)
+    for variant in setup.config.composites:
+        for impl in ("plain", "lrpfunc", "zennit", "zennit-attributor"):
+            if (peers.lrpfunc is None and impl == "lrpfunc") or (peers.zennit is None and impl.startswith("zennit")):
+                continue
+            if impl == "plain" and variant != "gradient":
+                continue
+            check_untouched(check, setup, impl, variant, peers)
+    if peers.lrpfunc is not None:
+        for variant in setup.config.composites[1:]:
+            check_rule_sites(check, setup, peers, variant)
+    if peers.lrpfunc is not None and peers.zennit is not None:
+        check_against_zennit(check, setup, peers)
+    elif peers.zennit is None:
+        check("zennit checks", None, peers.why.get("zennit", ""))
+
+
 def run_checks(setups: list[Setup], peers: Peers) -> int:
     """Run every check; return the number of failures."""
     check = Checker()
     print("\n=== --check")
     check_models(check, setups, peers)
-    seen: set[tuple[str, int]] = set()
+    seen: set[tuple[str, int | None]] = set()
     for setup in setups:
         if (setup.model_name, setup.size) in seen:  # the checks do not depend on the batch size
             continue
         seen.add((setup.model_name, setup.size))
+        if setup.model_name in configs.FIXED:
+            print(f"-- {setup.label}")
+            check_fixed(check, setup, peers)
+            continue
         print(f"-- {setup.model_name} {setup.size}px")
         if peers.zennit is not None:
             check_zennit(check, setup, peers)

@@ -2,13 +2,14 @@
 """Benchmark lrpfunc against the plain gradient, Zennit 0.5.1 and Captum's LRP, side by side.
 
     /work/peers-venv/bin/python benchmarks/run.py [--quick] [--full] [--device cuda] [--check]
-        [--out results.json] [--plot [PATH]]
+        [--models ...] [--out results.json] [--markdown results.md] [--plot [PATH]]
 
-For every (model, size, batch) configuration and every task (``benchmarks/cases.py``) the
-implementations are set up once, each on its own deep copy of the model, warmed up, and then called
-in interleaved rounds (one call of each per round) so that the machine's drift hits all of them
-alike; the table shows the ratio of each median to the task's floor (the plain gradient), the
-medians, and the peak memory of a further call. Peers that do not import are reported and skipped.
+For every configuration (``benchmarks/configs.py``: a model, its input and thread count) and every
+task (``benchmarks/cases.py``) the implementations are set up once, each on its own deep copy of the
+model, warmed up, and then called in interleaved rounds (one call of each per round) so that the
+machine's drift hits all of them alike; the tables show the ratio of each median to the task's floor
+(the plain gradient) and lrpfunc's median over Zennit's, the medians, and the peak memory of a further
+call, for every row. Peers that do not import are reported and skipped.
 
 Timing: medians of the timed rounds; a ratio is the median of an implementation over the median of
 the task's floor measured in the same rounds. The cell is marked '~' when the interquartile range of
@@ -52,18 +53,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks import cases, checks, models, peers as peers_mod, report  # noqa: E402
+from benchmarks import cases, checks, configs, models, peers as peers_mod, report  # noqa: E402
 from benchmarks.cases import NotApplicable, Setup, Task, Unsupported  # noqa: E402
 
-DEFAULT_CONFIGS = [("resnet18", 64, 8), ("vgg11", 64, 1), ("vgg11", 64, 8)]
-FULL_EXTRA = [("resnet18", 224, 1), ("resnet18", 224, 8), ("vgg11", 224, 1), ("vgg11", 224, 8)]
-# Without --full (and without explicit --models/--sizes/--batches) the expensive tasks run on part of
-# the default list only: VGG-11's all-class loop in Zennit takes ~20 s a call for K=100, and a VGG-11
-# training step at batch 8 ~5 s.
-DEFAULT_TASK_CONFIGS = {
-    "all-class": {("resnet18", 64, 8)},
-    "train-step": {("resnet18", 64, 8), ("vgg11", 64, 1)},
-}
 NOISY_IQR = 0.25
 CONTENDED_PRESSURE = 25.0  # percent: /proc/pressure/cpu "some avg10" above this = other work competed
 MEMORY_CPU = ("peak live bytes from torch's CPU allocator during one call (torch.profiler "
@@ -179,9 +171,21 @@ def time_group(calls: dict[str, Callable[[], Any]], *, warmup: int, repeats: int
     return times
 
 
+@contextlib.contextmanager
+def num_threads(threads: int | None) -> Any:
+    """``torch.set_num_threads(threads)`` inside the block (nothing for None); the previous count after."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def _status(exc: BaseException) -> str:
     if isinstance(exc, NotApplicable):
-        return "n/a"
+        return f"n/a: {exc}" if str(exc) else "n/a"
     if isinstance(exc, Unsupported):
         return f"unsupported: {exc}"
     text = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
@@ -198,7 +202,16 @@ def wait_quiet(max_s: float) -> float:
 
 def run_group(task: Task, setup: Setup, variant: Any, peers: peers_mod.Peers, args: argparse.Namespace,
               device: torch.device) -> list[dict[str, Any]]:
-    """Set up every implementation of one (task, config, variant), time them together, measure memory."""
+    """Set up every implementation of one (task, config, variant), time them together, measure memory.
+
+    The configuration's own thread count (``mlp100``: 1) holds for the whole group, memory included.
+    """
+    with num_threads(setup.threads):
+        return _run_group(task, setup, variant, peers, args, device)
+
+
+def _run_group(task: Task, setup: Setup, variant: Any, peers: peers_mod.Peers, args: argparse.Namespace,
+               device: torch.device) -> list[dict[str, Any]]:
     config = setup.single().label if task.per_input else setup.label
     base = {"task": task.name, "config": config, "variant": variant}
     results: dict[str, dict[str, Any]] = {}
@@ -209,7 +222,8 @@ def run_group(task: Task, setup: Setup, variant: Any, peers: peers_mod.Peers, ar
         first_calls_s = 0.0
         for impl, factory in task.impls.items():
             row = {**base, "impl": impl, "status": "ok", "median_s": None, "times_s": [], "iqr_rel": None,
-                   "peak_bytes": None, "ratio": None, "noisy": False,
+                   "peak_bytes": None, "retained_bytes": None, "ratio": None, "noisy": False,
+                   "threads": torch.get_num_threads(),
                    "note": cases.value_note(task.name, impl, setup)}
             results[impl] = row
             ctx = factory(setup, variant, peers)
@@ -255,20 +269,29 @@ def run_group(task: Task, setup: Setup, variant: Any, peers: peers_mod.Peers, ar
             pressure = max((p for p in row.get("cpu_pressure10", []) if p is not None), default=0.0)
             row["noisy"] = (any((r["iqr_rel"] or 0.0) > NOISY_IQR for r in (row, floor))
                             or pressure > CONTENDED_PRESSURE)
+    ours, peer = results.get("lrpfunc"), results.get(task.peer or "")
+    if ours is not None and peer is not None and ours["median_s"] is not None and peer["median_s"]:
+        ours["peer"], ours["peer_ratio"] = task.peer, ours["median_s"] / peer["median_s"]
+        pressure = max((p for p in ours.get("cpu_pressure10", []) if p is not None), default=0.0)
+        ours["peer_noisy"] = (any((r["iqr_rel"] or 0.0) > NOISY_IQR for r in (ours, peer))
+                              or pressure > CONTENDED_PRESSURE)
     return list(results.values())
 
 
 def progress(row: dict[str, Any]) -> str:
     if row["status"] != "ok":
         return f"  {row['impl']:<17} {row['status']}"
-    mem = "" if row["peak_bytes"] is None else f"  peak {row['peak_bytes'] / 2**20:8.1f} MiB"
+    mem = "" if row["peak_bytes"] is None else f"  peak {report.mib(row['peak_bytes']):>8} MiB"
     if (row.get("retained_bytes") or 0) > 2**20:
         mem += f" (+{row['retained_bytes'] / 2**20:.1f} MiB kept after the call)"
     ratio = "" if row["ratio"] is None else f"  {row['ratio']:6.2f}x"
     spread = f"  [{1e3 * min(row['times_s']):.1f}..{1e3 * max(row['times_s']):.1f}]"
+    if row.get("memory_error"):
+        mem += f"  peak memory not measured: {row['memory_error']}"
     note = "  (value wrong, see notes)" if row.get("note") else ""
+    peer = f"  {row['peer_ratio']:.2f}x {row['peer']}" if row.get("peer_ratio") is not None else ""
     return (f"  {row['impl']:<17} {1e3 * row['median_s']:9.1f} ms{ratio}  (n={len(row['times_s'])}){spread}"
-            f"{mem}{note}")
+            f"{mem}{peer}{note}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -278,12 +301,17 @@ def progress(row: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", choices=sorted(models.MODELS), help="default: resnet18 vgg11")
-    p.add_argument("--sizes", nargs="+", type=int, help="default: 64 (and 224 with --full)")
-    p.add_argument("--batches", nargs="+", type=int, help="default: resnet18 b8, vgg11 b1 and b8")
+    p.add_argument("--models", nargs="+", choices=sorted(models.MODELS),
+                   help="default: resnet18, vgg11, " + ", ".join(configs.FIXED)
+                        + f" (these three with their own input: {', '.join(c.label for c in configs.FIXED.values())})")
+    p.add_argument("--sizes", nargs="+", type=int,
+                   help="image sizes of the ImageNet-style models; default 64 (and 224 with --full)")
+    p.add_argument("--batches", nargs="+", type=int,
+                   help="batch sizes of the ImageNet-style models; default resnet18 b8, vgg11 b1 and b8")
     p.add_argument("--tasks", nargs="+", choices=list(cases.TASKS), default=list(cases.TASKS))
-    p.add_argument("--composites", nargs="+", choices=cases.COMPOSITES, default=list(cases.COMPOSITES),
-                   help="variants of the first-order task")
+    p.add_argument("--composites", nargs="+", choices=cases.COMPOSITES,
+                   help="variants of the first-order task, for every configuration (default: each "
+                        "configuration's own list, see benchmarks/configs.py)")
     p.add_argument("--classes", nargs="+", type=int, default=[10, 100], help="K of the all-class task")
     p.add_argument("--repeats", type=int, default=15, help="most timed rounds per group (default 15)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds after the first call (default 1)")
@@ -303,6 +331,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--check", action="store_true", help="run the sanity checks before measuring")
     p.add_argument("--check-only", action="store_true", help="run the sanity checks and stop")
     p.add_argument("--out", type=Path, help="write the results as JSON")
+    p.add_argument("--markdown", type=Path, metavar="PATH",
+                   help="write Markdown tables (ratio, time and peak memory in every cell) for a README")
     p.add_argument("--plot", nargs="?", type=Path, const=HERE / "results.png",
                    help="write a bar chart of the ratios (default benchmarks/results.png)")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failing implementations")
@@ -311,27 +341,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.repeats, args.budget = min(args.repeats, 5), min(args.budget, 3.0)
         args.classes = [args.classes[0]]
     return args
-
-
-def explicit_configs(args: argparse.Namespace) -> bool:
-    return bool(args.models or args.sizes or args.batches)
-
-
-def task_runs_on(args: argparse.Namespace, task_name: str, setup: Setup) -> bool:
-    if args.full or args.quick or explicit_configs(args) or task_name not in DEFAULT_TASK_CONFIGS:
-        return True
-    return (setup.model_name, setup.size, setup.batch) in DEFAULT_TASK_CONFIGS[task_name]
-
-
-def configurations(args: argparse.Namespace) -> list[tuple[str, int, int]]:
-    if explicit_configs(args):
-        model_names = args.models or ["resnet18", "vgg11"]
-        sizes = args.sizes or ([64, 224] if args.full else [64])
-        batches = args.batches or [1, 8]
-        return [(m, s, b) for m in model_names for s in sizes for b in batches]
-    if args.quick:
-        return [("resnet18", 64, 8)]
-    return DEFAULT_CONFIGS + (FULL_EXTRA if args.full else [])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -355,10 +364,10 @@ def main(argv: list[str] | None = None) -> int:
 
     setups: list[Setup] = []
     built: dict[str, torch.nn.Module] = {}
-    for model_name, size, batch in configurations(args):
-        if model_name not in built:
-            built[model_name] = models.build(model_name, device=device)
-        setups.append(cases.make_setup(model_name, built[model_name], size, batch, device))
+    for config in configs.configurations(args):
+        if config.model not in built:
+            built[config.model] = models.build(config.model, device=device)
+        setups.append(cases.make_setup(config, built[config.model], device))
 
     if args.check or args.check_only:
         failed = checks.run_checks(setups, peers)
@@ -367,17 +376,18 @@ def main(argv: list[str] | None = None) -> int:
 
     results: list[dict[str, Any]] = []
     started = time.perf_counter()
-    seen_inputs: set[tuple[str, int]] = set()
+    seen_inputs: set[str] = set()
     for setup in setups:
         for task_name in args.tasks:
             task = cases.TASKS[task_name]
-            if not task_runs_on(args, task_name, setup):
+            if not configs.task_runs_on(args, task_name, setup.config):
                 continue
             if task.per_input:
-                if (setup.model_name, setup.size) in seen_inputs:
+                if setup.single().label in seen_inputs:
                     continue
-                seen_inputs.add((setup.model_name, setup.size))
-            variants = {"first-order": args.composites, "all-class": args.classes}.get(task_name, task.variants)
+                seen_inputs.add(setup.single().label)
+            variants = {"first-order": args.composites or setup.config.composites,
+                        "all-class": args.classes}.get(task_name, task.variants)
             for variant in variants:
                 label = setup.single().label if task.per_input else setup.label
                 waited = wait_quiet(args.wait_quiet) if args.wait_quiet else 0.0
@@ -409,10 +419,14 @@ def main(argv: list[str] | None = None) -> int:
         }
         args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))
         print(f"wrote {args.out}")
+    if args.markdown:
+        args.markdown.write_text(report.markdown(results, cases.TASKS.values()))
+        print(f"wrote {args.markdown}")
     if args.plot:
         try:
-            title = (f"time ratio to the plain-gradient floor (log2 scale; lower is better) - torch "
-                     f"{torch.__version__}, {device}, {torch.get_num_threads()} threads")
+            title = (f"time ratio to the plain-gradient floor (log2 scale; lower is better; median time and peak "
+                     f"memory of one call in brackets) - torch {torch.__version__}, {device}, "
+                     f"{torch.get_num_threads()} threads unless the configuration says otherwise")
             print(f"wrote {report.plot(results, cases.TASKS.values(), args.plot, title)}")
         except ImportError as exc:
             print(f"--plot: Pillow not available ({exc})")
