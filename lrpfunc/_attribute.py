@@ -304,29 +304,35 @@ def _run(
     *,
     observe: Callable[[str, int], str | None] | None = None,
     observer: Observer | None = None,
-    observed_seeds: Mapping[str, Tensor] | None = None,
-    grad_leaves: Sequence[Tensor] | None = None,
+    seed_output: bool = True,
+    more: Sequence[Tensor] = (),
 ) -> tuple[Any, Any]:
+    """Trace and sweep. ``seed_output=False``: no relevance starts at the output (``grad_output`` is ignored; the
+    sweep starts where the ``observer`` adds relevance). ``more``: further tensors the result depends on (masks),
+    which decide the tape like the arguments do."""
     where = setup.where
     if any(name not in setup.info.known for name in params):  # the model may have gained a parameter
         setup.info = ModelInfo(setup.model, setup.info.foreign)
     _check_params(where, setup.info, setup.model, params)
     _check_tensors(where, "x", x)
-    given = [*params.values(), *optree.tree_leaves(x, none_is_leaf=True), *optree.tree_leaves(grad_output, none_is_leaf=True)]
+    given = [
+        *params.values(),
+        *optree.tree_leaves(x, none_is_leaf=True),
+        *optree.tree_leaves(grad_output, none_is_leaf=True),
+        *more,
+    ]
     tape = choose_tape(given)
     if not setup.traced and observe is None and param_relevance is None:
         return refreshing(setup, lambda: _plain(setup, params, x, grad_output, tape))
     trace = refreshing(setup, lambda: run_trace(setup, params, x, tape, observe=observe))
     _check_tensors(where, "the model's output", trace.output)
-    if grad_leaves is None:
-        grad_leaves = check_grad_output(where, trace.output, grad_output)
+    grad_leaves = check_grad_output(where, trace.output, grad_output) if seed_output else []
     with torch.no_grad() if not tape.exact else contextlib.nullcontext():
         cotangents = sweep(
             trace,
-            _seeds(trace, grad_leaves),
+            _seeds(trace, grad_leaves) if seed_output else [],
             param_relevance=param_relevance,
             observer=observer,
-            observed_seeds=observed_seeds,
         )
     leaves, spec = optree.tree_flatten(x, none_is_leaf=True)
     relevance = [

@@ -60,7 +60,6 @@ def sweep(
     *,
     param_relevance: dict[str, Tensor] | None = None,
     observer: Observer | None = None,
-    observed_seeds: Mapping[str, Tensor] | None = None,
     recorder: Callable[[Any, Any, Sequence[Tensor | None], Sequence[Tensor | None]], None] | None = None,
 ) -> dict[int, Tensor]:
     """Propagate ``seeds`` (value id, cotangent) backwards through the trace; returns the cotangents of the cut
@@ -70,8 +69,8 @@ def sweep(
         trace: The recorded forward pass.
         seeds: Cotangents of output values.
         param_relevance: If given, filled with the relevance of each parameter (by qualified name).
-        observer: Called at each observation with the relevance arriving there; its result propagates on.
-        observed_seeds: Relevance added at observations, by observation name (a sweep that starts inside).
+        observer: Called at each observation with the relevance arriving there (zeros if none); its result propagates
+            on (relevance may also start there: an observer that adds a seed).
         recorder: Called at every step with its site, its rule, the cotangents of its outputs and those it passes
             to its inputs (:func:`lrpfunc.conservation`).
     """
@@ -143,9 +142,6 @@ def sweep(
         elif type(step) is Observation:
             for position, (vid, push) in enumerate(zip(step.vids, step.push)):
                 complete(vid)
-                if observed_seeds is not None and step.name in observed_seeds:
-                    seed = observed_seeds[step.name]
-                    _accumulate(cot, vid, seed if len(step.vids) == 1 else seed[position])
                 if observer is not None:
                     arriving = cot.get(vid)
                     if arriving is None:

@@ -150,7 +150,8 @@ def _reference_llama(model: nn.Module, embeds: torch.Tensor, seed: torch.Tensor,
     batch, length, hidden = x.shape
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = hidden // heads
-    inv = 1.0 / (config.rope_parameters["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(D) / head_dim))
+    theta = config.rope_parameters["rope_theta"] if hasattr(config, "rope_parameters") else config.rope_theta  # 5.x, 4.x
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(D) / head_dim))
     freqs = torch.arange(length, dtype=D)[:, None] * inv[None]
     emb = torch.cat((freqs, freqs), -1)
     cos, sin = emb.cos(), emb.sin()
