@@ -66,3 +66,21 @@ def image_grid(rows: list[list[Image.Image]], cell: int = 128, padding: int = 2)
         for c, picture in enumerate(row):
             grid.paste(picture.resize((cell, cell), Image.NEAREST), (c * (cell + padding), r * (cell + padding)))
     return grid
+
+
+def labelled_grid(rows: list[list[Image.Image]], labels: list[list[str]], cell: int = 128, padding: int = 2,
+                  strip: int = 14) -> Image.Image:
+    """:func:`image_grid` with a caption above every cell (``labels`` shaped like ``rows``)."""
+    from PIL import ImageDraw
+
+    ncols = max(len(row) for row in rows)
+    height = cell + strip
+    size = (ncols * cell + (ncols - 1) * padding, len(rows) * height + (len(rows) - 1) * padding)
+    grid = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for r, (row, captions) in enumerate(zip(rows, labels)):
+        for c, (picture, caption) in enumerate(zip(row, captions)):
+            left, top = c * (cell + padding), r * (height + padding)
+            draw.text((left + 2, top + 1), caption, fill=(0, 0, 0))
+            grid.paste(picture.resize((cell, cell), Image.NEAREST), (left, top + strip))
+    return grid

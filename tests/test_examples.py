@@ -24,6 +24,8 @@ NAMES = (
     "custom_rule",
     "custom_canonizer",
     "distributed_attribution",
+    "concepts",
+    "faithfulness",
 )
 
 
@@ -172,3 +174,30 @@ def test_distributed_attribution_equals_single_process(tmp_path: Path) -> None:
     assert (distributed["relevance"] - reference["relevance"]).abs().max() <= 1e-5 * scale
     for folder in ("single", "distributed"):
         _valid_png(tmp_path / folder / "heatmaps.png")
+
+
+def test_concepts(tmp_path: Path) -> None:
+    result = _load("concepts").main([str(tmp_path)], fast=True)
+    assert result["test_accuracy"] >= 0.9
+    assert result["sum_of_concepts_vs_heatmap"] < 1e-5  # float32; every channel's map adds up to the heatmap
+    assert result["vmap_vs_loop"] < 1e-5
+    assert len(result["images"]) == 4
+    for row in result["images"]:
+        assert len(row["channels"]) == 5 and all(share > 0 for share in row["shares"])
+        assert row["shares"] == sorted(row["shares"], reverse=True)
+    assert _valid_png(result["path"]) == result["grid_size"] == (7 * 128 + 6 * 2, 4 * 142 + 3 * 2)
+
+
+def test_faithfulness(tmp_path: Path) -> None:
+    result = _load("faithfulness").main([str(tmp_path)], fast=True)
+    abpc = result["abpc"]
+    assert set(abpc) == {"epsilon_plus_flat", "epsilon_gamma_box", "epsilon_alpha2_beta1", "integrated_gradients",
+                         "input_x_gradient", "guided_backprop", "gradient", "random"}
+    assert abs(abpc["random"]) < 1.0  # a random order separates nothing
+    for name, value in abpc.items():
+        if name != "random":
+            assert value > abpc["random"] + 3.0, name  # every method beats chance by far on this task
+    assert result["ranking"][-1] == "random"
+    table = Path(result["table"]).read_text().splitlines()
+    assert table[0].startswith("| method | ABPC") and len(table) == 2 + len(abpc)
+    _valid_png(result["path"])
