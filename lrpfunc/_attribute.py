@@ -173,12 +173,16 @@ def run_trace(
     record_sites: bool = False,
     observe: Callable[[str, int], str | None] | None = None,
     resolve: bool = True,
+    transparent: bool = False,
 ) -> Trace:
     """Run the forward pass on ``tape`` and return its :class:`~lrpfunc._trace.Trace`.
 
     The composite resolves the sites as they are reached (a fresh resolver per pass: it may count what it saw). A
     composite with only ``resolve(sites)`` gets the sites of a first pass without rules. A BatchNorm merged while
     tracing whose input turns out to be read elsewhere later makes the pass run again without that merge.
+    ``transparent``: calls whose rule is their pullback in gradient form stay on the tape (for a sweep that uses the
+    gradient form, :func:`lrpfunc._sweep.sweep`); a piece of the tape that would mix them with operations without a
+    rule makes the pass run again without them.
     """
     composite = setup.composite if resolve else None
     table: _TableResolver | None = None
@@ -201,6 +205,7 @@ def run_trace(
             skip_merge=skip,
             skip_transpose=skip_transpose,
             record_sites=record_sites,
+            transparent=transparent,
         )
         leaves, spec = optree.tree_flatten(x, none_is_leaf=True)
         leaves = _distinct(leaves)
@@ -216,6 +221,8 @@ def run_trace(
         except Retry as retry:
             if retry.kind == "merge":
                 skip = skip | {retry.key}
+            elif retry.kind == "forms":
+                transparent = False
             else:
                 skip_transpose = skip_transpose | {retry.key}
             continue
@@ -324,7 +331,8 @@ def _run(
     tape = choose_tape(given)
     if not setup.traced and observe is None and param_relevance is None:
         return refreshing(setup, lambda: _plain(setup, params, x, grad_output, tape))
-    trace = refreshing(setup, lambda: run_trace(setup, params, x, tape, observe=observe))
+    forms = param_relevance is None  # parameter relevance needs every rule in relevance form
+    trace = refreshing(setup, lambda: run_trace(setup, params, x, tape, observe=observe, transparent=forms))
     _check_tensors(where, "the model's output", trace.output)
     grad_leaves = check_grad_output(where, trace.output, grad_output) if seed_output else []
     with torch.no_grad() if not tape.exact else contextlib.nullcontext():

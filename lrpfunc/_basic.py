@@ -170,6 +170,11 @@ class BasicRule:
     #: The gradient mapper and the reducer accept ``None`` for a term that was left out because it is exactly
     #: zero (see :meth:`_zero_terms`); the built-in sign-splitting rules (z+, alpha-beta, gamma) do.
     zero_terms: bool = field(default=False, compare=False)
+    #: ``"pullback"`` when the rule is ``R_in = x * J^T (R / z)`` with the call's true Jacobian ``J`` and no
+    #: stabilizer, ``"modified"`` when ``J`` has the statistics held: it can then propagate gradients instead of relevance
+    #: (:meth:`modified_gradient`); set by :func:`lrpfunc.rules.epsilon`, :func:`~lrpfunc.rules.norm` and
+    #: :func:`~lrpfunc.rules.normalization` with a zero stabilizer and no zeroed parameters.
+    gradient_form: str | None = field(default=None, compare=False)
 
     def __repr__(self) -> str:
         return self.name
@@ -257,6 +262,25 @@ class BasicRule:
                     )
         return Propagated(relevance, param_relevance)
 
+    def modified_gradient(self, call: Call, grad_outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """The rule in gradient form: ``g_in = J^T g_out`` (valid when :attr:`gradient_form` is set).
+
+        With ``R_out = z * g_out`` the rule gives ``R_in = x * J^T (R_out / z) = x * g_in``: the division by the output
+        and the product with the input cancel against the neighbouring rules' (see :mod:`lrpfunc._sweep`).
+        """
+        if self.gradient_form is None:
+            raise RuleError(f"rule {self.name} has no gradient form: it needs the relevance itself")
+        if len(call.outputs) != 1 or not call.inputs:
+            raise RuleError(
+                f"rule {self.name} handles calls with at least one activation input and exactly one "
+                f"floating-point output; {call.describe()} has {len(call.inputs)} input(s) and "
+                f"{len(call.outputs)} output(s). Attach a rule for this kind of call, or none."
+            )
+        if self.hold_statistics:
+            _, _, _, pull = self._modified_call(call, identity, self.param_modifiers[0], False)
+            return tuple(pull(grad_outputs[0])[0])
+        return call.pullback(grad_outputs)
+
     def _zero_terms(self, call: Call, with_params: bool) -> frozenset[int]:
         """The terms that are exactly zero and can be left out: only when nothing differentiates the result, for a
         rule that accepts it (:attr:`zero_terms`), on one linear operation (so that ``f(0; theta) = 0`` once the bias
@@ -335,6 +359,7 @@ def basic(
     hold_statistics: bool = False,
     needs_pullback: bool | None = None,
     zero_terms: bool = False,
+    gradient_form: str | None = None,
 ) -> BasicRule:
     """The general LRP rule, Zennit's ``BasicHook`` as a pure value.
 
@@ -373,6 +398,11 @@ def basic(
             whose input modifier is :func:`positive_part` or :func:`negative_part` of an input that has no such
             part, on a linear call with that triple's bias zeroed: such a term is exactly zero, and is left out when
             nothing differentiates the result.
+        gradient_form: ``"pullback"`` declares that the rule is ``R_in = x * J^T (R / z)`` with the call's true
+            Jacobian and a division without stabilizer (:func:`lrpfunc._stabilize.ratio`: zero outputs pass nothing),
+            ``"modified"`` the same with the statistics held (``hold_statistics``): the sweep may then propagate
+            ``R / x`` instead of ``R`` through it (:meth:`BasicRule.modified_gradient`), which is exact and cheaper.
+            Only for a single identity modifier triple.
 
     Returns:
         A :class:`BasicRule`.
@@ -411,4 +441,5 @@ def basic(
         hold_statistics=hold_statistics,
         pullback=needs_pullback,
         zero_terms=zero_terms,
+        gradient_form=gradient_form,
     )

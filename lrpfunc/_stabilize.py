@@ -9,7 +9,7 @@ import torch
 
 Tensor = torch.Tensor
 
-__all__ = ["stabilize", "Stabilizer", "StabilizerLike", "ensure_stabilizer"]
+__all__ = ["stabilize", "Stabilizer", "StabilizerLike", "ensure_stabilizer", "is_zero", "divider", "ratio"]
 
 
 def stabilize(
@@ -84,3 +84,34 @@ def ensure_stabilizer(value: StabilizerLike) -> Callable[[Tensor], Tensor]:
     if callable(value):
         return value
     raise TypeError(f"stabilizer: expected a float or a callable, got {type(value).__name__}")
+
+
+def is_zero(value: StabilizerLike) -> bool:
+    """Whether a stabilizer leaves every denominator as it is: ``0`` (a number) or a :class:`Stabilizer` with
+    ``epsilon=0`` (clipping the magnitude at zero or scaling zero by a norm changes nothing either)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (float, int)):
+        return value == 0
+    return isinstance(value, Stabilizer) and value.epsilon == 0
+
+
+def ratio(numerator: Tensor, denominator: Tensor) -> Tensor:
+    """``numerator / denominator`` where the denominator is not zero, and ``0`` where it is.
+
+    Definition:
+        The division of an LRP rule without stabilizer (epsilon = 0): a unit whose output is exactly zero passes no
+        relevance, instead of ``0 / 0``. Differentiable everywhere it is defined (no ``inf`` enters the derivative).
+    """
+    zero = denominator == 0
+    return torch.where(zero, torch.zeros((), dtype=numerator.dtype, device=numerator.device),
+                       numerator / torch.where(zero, torch.ones((), dtype=denominator.dtype, device=denominator.device),
+                                               denominator))
+
+
+def divider(value: StabilizerLike) -> Callable[[Tensor, Tensor], Tensor]:
+    """``(R, z) -> R / s(z)`` for the stabilizer ``value``: :func:`ratio` when it is zero (see :func:`is_zero`)."""
+    if is_zero(value):
+        return ratio
+    stabilizer = ensure_stabilizer(value)
+    return lambda numerator, denominator: numerator / stabilizer(denominator)

@@ -17,10 +17,10 @@ from typing import Any, Protocol
 
 import torch
 
-from . import _normalization
+from . import _normalization, _stabilize
 from . import ops as _ops
 from ._call import Call, Propagated, RuleError
-from ._trace import Node, Observation, OpStep, Ref, RuledCall, Trace, unflatten_call
+from ._trace import Node, Observation, OpStep, Ref, RuledCall, Split, Trace, unflatten_call
 
 Tensor = torch.Tensor
 
@@ -62,96 +62,192 @@ def sweep(
     observer: Observer | None = None,
     recorder: Callable[[Any, Any, Sequence[Tensor | None], Sequence[Tensor | None]], None] | None = None,
 ) -> dict[int, Tensor]:
-    """Propagate ``seeds`` (value id, cotangent) backwards through the trace; returns the cotangents of the cut
+    """Propagate ``seeds`` (value id, relevance) backwards through the trace; returns the relevance of the cut
     values that no step consumed (the inputs).
+
+    Two forms of cotangent travel: relevance ``R``, and a gradient ``g`` with ``R = value * g``. A rule that is
+    ``R_in = x * J^T (R / z)`` without stabilizer (its ``gradient_form``: ``"pullback"`` for epsilon and norm with
+    epsilon 0 and for softmax, whose ``J`` is the call's own Jacobian; ``"modified"`` for normalization with its
+    statistics held and for uniform and gated with stabilizer 0) turns whatever arrives into a gradient (``R / z``,
+    zero where ``z = 0``: the rule's own division) and passes ``J^T g`` on, leaving out the product with ``x`` and the
+    next rule's division by the same value. A call whose rule is ``"pullback"`` may even stay on the tape (the tracer's
+    ``transparent``): pieces of the tape with such calls propagate gradients. Every other rule, a piece with an
+    operation other than data movement or selection and without a rule, an observer and the inputs get relevance: a
+    gradient is multiplied by its value first (infinite values count as zero, as the softmax rule's masked scores);
+    data movement passes either form. Where every rule of a chain has a gradient form, the sweep costs about what a
+    gradient costs, and the result is that of the rules in relevance form wherever no output divided by is zero.
 
     Args:
         trace: The recorded forward pass.
-        seeds: Cotangents of output values.
-        param_relevance: If given, filled with the relevance of each parameter (by qualified name).
+        seeds: Relevance of output values.
+        param_relevance: If given, filled with the relevance of each parameter (by qualified name); every rule then
+            propagates relevance (parameter relevance needs it).
         observer: Called at each observation with the relevance arriving there (zeros if none); its result propagates
             on (relevance may also start there: an observer that adds a seed).
-        recorder: Called at every step with its site, its rule, the cotangents of its outputs and those it passes
-            to its inputs (:func:`lrpfunc.conservation`).
+        recorder: Called at every step with its site, its rule, the relevance of its outputs and the relevance it
+            passes to its inputs (:func:`lrpfunc.conservation`); every rule then propagates relevance.
     """
     tape = trace.tape
     cut, origin, leaf_of = trace.cut, trace.origin, trace.leaf_of
     piece_of, piece_leaves = trace.piece_of, trace.piece_leaves
-    tensors = trace.tensors
-    cot: dict[int, Tensor] = {}
+    computes, gradients = trace.piece_computes, trace.piece_gradients
+    tensors, low = trace.tensors, trace.low
+    cot: dict[int, Tensor] = {}  # relevance
+    gcot: dict[int, Tensor] = {}  # gradients: relevance = value * gradient
     pending: dict[int, dict[int, Tensor]] = {}
+    gpending: dict[int, dict[int, Tensor]] = {}
+    wants_params = param_relevance is not None
+    forms = not wants_params and recorder is None
 
-    def sink(vid: int, value: Tensor) -> None:
-        _accumulate(pending.setdefault(trace.find(piece_of[vid]), {}), vid, value)
+    per_op = tape.per_op
 
-    def add(vid: int, value: Tensor) -> None:
+    def value_of(vid: int) -> Tensor:
+        found = low.get(vid)
+        if found is None:  # on the per-operation tape values live at the caller's level already
+            found = tensors[vid] if per_op else low[vid]  # (the tracer lowered the others)
+        return found
+
+    def relevance_of(vid: int, gradient: Tensor) -> Tensor:
+        return _finite(value_of(vid)) * gradient
+
+    def gradient_of(vid: int, relevance: Tensor) -> Tensor:
+        return _stabilize.ratio(relevance, value_of(vid))
+
+    def add(vid: int, value: Tensor, gradient: bool = False) -> None:
         vid = origin.get(vid, vid)
         if vid in cut:
-            _accumulate(cot, vid, value)
+            _accumulate(gcot if gradient else cot, vid, value)
         else:
-            sink(vid, value)
+            root = trace.find(piece_of[vid])
+            _accumulate((gpending if gradient else pending).setdefault(root, {}), vid, value)
 
     def flush(root: int) -> None:
-        sinks = pending.pop(root, None)
-        if not sinks:
+        sinks, gsinks = pending.pop(root, None), gpending.pop(root, None)
+        if not sinks and not gsinks:
             return
+        if root in gradients:  # transparent calls: gradients (relevance arriving is divided by its value)
+            merged = dict(gsinks or {})
+            for vid, value in (sinks or {}).items():
+                _accumulate(merged, vid, gradient_of(vid, value))
+            sinks, gradient = merged, True
+        elif gsinks and not sinks and root not in computes:
+            sinks, gradient = gsinks, True  # data movement and selection move gradients like relevance
+        else:
+            gradient = False
+            sinks = dict(sinks or {})
+            for vid, value in (gsinks or {}).items():
+                _accumulate(sinks, vid, relevance_of(vid, value))
         leaves = piece_leaves[root]
         grads = tape.pullback([tensors[vid] for vid in sinks], [leaf for _, leaf in leaves], list(sinks.values()))
+        target = gcot if gradient else cot
         for (source, _), grad in zip(leaves, grads):
             if grad is not None:
-                _accumulate(cot, source, grad)
+                _accumulate(target, source, grad)
 
     def complete(vid: int) -> None:
         leaf = leaf_of.get(vid)
         if leaf is not None:
             flush(trace.find(piece_of[leaf]))
 
+    def as_relevance(vid: int) -> Tensor | None:
+        """The relevance of ``vid``, with its gradient form folded in."""
+        relevance, gradient = cot.pop(vid, None), gcot.pop(vid, None)
+        if gradient is not None:
+            converted = relevance_of(vid, gradient)
+            relevance = converted if relevance is None else relevance + converted
+        return relevance
+
     for vid, value in seeds:
         add(vid, value)
-    wants_params = param_relevance is not None
     for step in reversed(trace.steps):
         if type(step) is RuledCall:
-            for vid in step.outputs:
+            outputs = step.outputs
+            for vid in outputs:
                 complete(vid)
-            if step.passes_through and len(step.outputs) == 1 and len(step.inputs) == 1 and not wants_params:
-                (vid,) = step.outputs
-                grad = cot.pop(vid, None)
-                if grad is not None and grad.shape == trace.low[step.inputs[0]].shape:
+            rule = step.rule
+            if forms and getattr(rule, "gradient_form", None) is not None:
+                # the rule in gradient form: relevance that arrived is divided by its value (the rule's own division)
+                grads = []
+                for vid in outputs:
+                    grad, relevance = gcot.pop(vid, None), cot.pop(vid, None)
+                    if relevance is not None:
+                        quotient = gradient_of(vid, relevance)
+                        grad = quotient if grad is None else grad + quotient
+                    grads.append(grad)
+                if all(grad is None for grad in grads):
+                    continue
+                call = make_call(trace, step, False)
+                results = _gradient_rule(step, call, tuple(
+                    torch.zeros_like(low[vid]) if grad is None else grad for vid, grad in zip(outputs, grads)
+                ))
+                del call
+                step.release()
+                for vid, grad in zip(step.inputs, results):
+                    if grad is not None:
+                        add(vid, grad, gradient=True)
+                continue
+            if step.passes_through and len(outputs) == 1 and len(step.inputs) == 1 and not wants_params:
+                (vid,) = outputs
+                grad = as_relevance(vid)
+                if grad is not None and grad.shape == low[step.inputs[0]].shape:
                     if recorder is not None:
-                        recorder(step.site, step.rule, (grad,), (grad,))
+                        recorder(step.site, rule, (grad,), (grad,))
                     add(step.inputs[0], grad)
                     continue
                 if grad is None:
                     continue
                 cot[vid] = grad  # a shape the rule refuses: let it say so
-            grads = [cot.pop(vid, None) for vid in step.outputs]
+            grads = [as_relevance(vid) for vid in outputs]
             if all(grad is None for grad in grads):
                 continue
             grad_outputs = tuple(
-                torch.zeros_like(trace.low[vid]) if grad is None else grad for vid, grad in zip(step.outputs, grads)
+                torch.zeros_like(low[vid]) if grad is None else grad for vid, grad in zip(outputs, grads)
             )
             call = make_call(trace, step, wants_params)
             results = _apply_rule(trace, step, call, grad_outputs, param_relevance)
             del call
             if recorder is not None:
-                recorder(step.site, step.rule, grad_outputs, results)
+                recorder(step.site, rule, grad_outputs, results)
             step.release()  # the sweep reaches every step once: free what its rule computed and read
             for vid, grad in zip(step.inputs, results):
                 if grad is not None:
                     add(vid, grad)
+        elif type(step) is Split:
+            vid = step.vid
+            complete(vid)
+            root = trace.find(piece_of[vid])
+            for store, target in ((cot, pending), (gcot, gpending)):
+                value = store.pop(vid, None)
+                if value is not None:
+                    _accumulate(target.setdefault(root, {}), vid, value)
         elif type(step) is Observation:
             for position, (vid, push) in enumerate(zip(step.vids, step.push)):
                 complete(vid)
+                arriving = as_relevance(vid)
+                if arriving is not None:
+                    cot[vid] = arriving
                 if observer is not None:
-                    arriving = cot.get(vid)
                     if arriving is None:
-                        arriving = torch.zeros_like(trace.low[vid])
+                        arriving = torch.zeros_like(low[vid])
                     cot[vid] = observer(step.name, position, arriving)
                 if push and vid in cot:
-                    sink(vid, cot.pop(vid))
+                    add_to_piece = cot.pop(vid)
+                    _accumulate(pending.setdefault(trace.find(piece_of[vid]), {}), vid, add_to_piece)
         else:
             assert type(step) is OpStep
-            grads = [cot.pop(vid, None) for vid in step.outputs]
+            if step.kind == "gradient":  # a transparent call: gradients
+                gradient = True
+                grads = []
+                for vid in step.outputs:
+                    grad, relevance = gcot.pop(vid, None), cot.pop(vid, None)
+                    if relevance is not None:
+                        quotient = gradient_of(vid, relevance)
+                        grad = quotient if grad is None else grad + quotient
+                    grads.append(grad)
+            else:
+                gradient = (step.kind == "moves" and not any(vid in cot for vid in step.outputs)
+                            and any(vid in gcot for vid in step.outputs))
+                grads = [gcot.pop(vid, None) if gradient else as_relevance(vid) for vid in step.outputs]
             if all(grad is None for grad in grads):
                 continue
             grad_outputs = tuple(
@@ -162,10 +258,37 @@ def sweep(
                 recorder(step.site, None, grad_outputs, pulled)
             for vid, grad in zip(step.inputs, pulled):
                 if grad is not None:
-                    add(vid, grad)
-    for root in list(pending):
+                    add(vid, grad, gradient=gradient)
+    for root in list(pending.keys() | gpending.keys()):
         flush(root)
+    for vid in list(gcot):
+        cot[vid] = as_relevance(vid)  # type: ignore[assignment]
     return cot
+
+
+def _finite(value: Tensor) -> Tensor:
+    """``value`` with infinities as zero: a gradient times a masked score (``-inf``) is no relevance."""
+    if value.is_floating_point():
+        return torch.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0)
+    return value
+
+
+def _gradient_rule(step: RuledCall, call: Call, grad_outputs: tuple[Tensor, ...]) -> tuple[Tensor | None, ...]:
+    """``step.rule.modified_gradient(call, grad_outputs)``, checked like a rule's result."""
+    rule = step.rule
+    results = tuple(rule.modified_gradient(call, grad_outputs))
+    if len(results) != len(call.inputs):
+        raise RuleError(
+            f"rule {rule_name(rule)} returned {len(results)} gradient(s) for {call.describe()}, which has "
+            f"{len(call.inputs)} activation input(s)"
+        )
+    for position, (grad, tensor) in enumerate(zip(results, call.inputs)):
+        if grad is not None and grad.shape != tensor.shape:
+            raise RuleError(
+                f"rule {rule_name(rule)} returned a gradient of shape {tuple(grad.shape)} for input {position} of "
+                f"{call.describe()}, expected shape {tuple(tensor.shape)}"
+            )
+    return results
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from ._tape import Tape, VjpTape
 
 Tensor = torch.Tensor
 
-__all__ = ["Tracer", "Trace", "RuledCall", "Observation", "OpStep", "Node", "Ref", "tracing", "evaluate", "Retry", "ModelInfo", "Stale"]
+__all__ = ["Tracer", "Trace", "RuledCall", "Observation", "Split", "OpStep", "Node", "Ref", "tracing", "evaluate", "Retry", "ModelInfo", "Stale"]
 
 # ------------------------------------------------------------------------------------------------------------
 # process-wide patches (active only for the tracing thread)
@@ -429,20 +429,35 @@ class Observation:
 
 
 @dataclass(eq=False, slots=True)
+class Split:
+    """A value inside a piece of the tape that a ruled call reads: from here on a cut (later reads see a lifted leaf),
+    and the sweep pushes the cotangent it gathered back into the piece below, so that each piece is pulled back once
+    (a residual stream read by every block's normalisation would otherwise be one piece pulled back once per block)."""
+
+    vid: int
+
+
+@dataclass(eq=False, slots=True)
 class OpStep:
-    """An operation without a rule on the per-operation tape: its own pullback."""
+    """An operation without a rule on the per-operation tape: its own pullback.
+
+    ``kind``: ``"moves"`` (data movement or selection: relevance and gradients alike), ``"computes"`` (relevance
+    only) or ``"gradient"`` (a transparent call, see :class:`Tracer`: gradients only).
+    """
 
     inputs: tuple[int, ...]
     outputs: tuple[int, ...]
     pullback: Callable[..., Any]
     site: CallSite | None = None
+    kind: str = "computes"
 
 
 class Retry(Exception):
     """Raised inside a trace when a streaming decision turns out wrong; the trace is run again without it.
 
-    ``kind`` is ``"merge"`` (a BatchNorm merged into a layer whose output is read elsewhere) or ``"transpose"`` (a
-    module expected to be one linear operation turned out to be more), ``key`` the module's ``(id, call index)``.
+    ``kind`` is ``"merge"`` (a BatchNorm merged into a layer whose output is read elsewhere), ``"transpose"`` (a
+    module expected to be one linear operation turned out to be more), ``key`` the module's ``(id, call index)``, or
+    ``"forms"`` (a piece of the tape mixes transparent calls with operations that need relevance).
     """
 
     def __init__(self, kind: str, key: tuple[int, int]) -> None:
@@ -463,6 +478,10 @@ class Trace:
         cut: Values whose cotangent the sweep keeps by value id (inputs, ruled calls' outputs, observed values).
         activations: Value ids that depend on the input.
         piece_parent, piece_leaves, piece_of: Union-find over the pieces of the tape between cuts.
+        piece_computes: The roots of pieces with an operation other than data movement and selection without a rule
+            (whose pullback of a gradient is not that of a relevance): they propagate relevance.
+        piece_gradients: The roots of pieces with a transparent call (a rule that is its pullback in gradient form,
+            left on the tape): they propagate gradients.
         leaf_of, origin: A cut value's lifted leaf, and back.
         param_names: Value id of each parameter or buffer to its qualified name.
         static_origin: Value id of a constant computed inside a module call (from parameters and buffers alone, like a
@@ -481,6 +500,8 @@ class Trace:
     piece_parent: dict[int, int]
     piece_leaves: dict[int, list[tuple[int, Tensor]]]
     piece_of: dict[int, int]
+    piece_computes: set[int]
+    piece_gradients: set[int]
     leaf_of: dict[int, int]
     origin: dict[int, int]
     param_names: dict[int, str]
@@ -691,6 +712,7 @@ class Tracer(TorchFunctionMode):
         skip_merge: frozenset[tuple[int, int]] = frozenset(),
         skip_transpose: frozenset[tuple[int, int]] = frozenset(),
         record_sites: bool = False,
+        transparent: bool = False,
     ) -> None:
         super().__init__()
         self.tape = tape
@@ -703,6 +725,10 @@ class Tracer(TorchFunctionMode):
         self.skip_merge = skip_merge
         self.skip_transpose = skip_transpose
         self.record_sites = record_sites
+        # a rule whose gradient form is the call's own pullback leaves the call on the tape (see _sweep): ``transparent``
+        # allows it; inside such a module call everything is on the tape as well
+        self.transparent = transparent
+        self.transparent_depth = 0
         self.info = info
         self.names = info.names
         # values
@@ -726,6 +752,8 @@ class Tracer(TorchFunctionMode):
         self.piece_parent: dict[int, int] = {}
         self.piece_leaves: dict[int, list[tuple[int, Tensor]]] = {}
         self.piece_of: dict[int, int] = {}
+        self.piece_computes: set[int] = set()
+        self.piece_gradients: set[int] = set()
         self.observed: set[int] = set()
         # calls and sites
         self.steps: list[Any] = []
@@ -741,7 +769,7 @@ class Tracer(TorchFunctionMode):
         self.grad_enabled = torch.is_grad_enabled()
         self.raw = 0  # > 0 while the tracer runs torch operations of its own
         # BatchNorm merging: the last Linear/Conv call whose output nothing has read yet
-        self.last_layer: tuple[RuledCall | None, torch.nn.Module, int, str] | None = None
+        self.last_layer: tuple[RuledCall | None, torch.nn.Module, int, str, bool] | None = None
         self.merged_interior: dict[int, tuple[int, int]] = {}
         detach = not tape.exact
         for name, tensor, value in model_tensors(info, params):
@@ -809,7 +837,19 @@ class Tracer(TorchFunctionMode):
         for other in roots:
             self.piece_parent[other] = first
             self.piece_leaves[first].extend(self.piece_leaves.pop(other))
+            for marks in (self.piece_computes, self.piece_gradients):
+                if other in marks:
+                    marks.discard(other)
+                    marks.add(first)
         return first
+
+    def mark_piece(self, piece: int, gradient: bool) -> None:
+        """Note that an operation of the piece needs gradients (``gradient``: a transparent call) or relevance (an
+        operation other than data movement without a rule); a piece cannot need both."""
+        root = self.find(piece)
+        (self.piece_gradients if gradient else self.piece_computes).add(root)
+        if root in self.piece_gradients and root in self.piece_computes:
+            raise Retry("forms", None)
 
     def lift_cut(self, vid: int) -> int:
         """Lift the cut value ``vid`` (a ruled call's output or an observed value) to a fresh leaf that later reads
@@ -860,10 +900,11 @@ class Tracer(TorchFunctionMode):
         module_index = self.module_index
         self.module_index += 1
         call = self.call
-        if call is not None or self.covered:
+        if call is not None or self.covered or self.transparent_depth:
             if self.record_sites:
                 site = CallSite("module", module_index, name, module, None, None, index, self.next_order(), None)
-                self.note_covered(site, call.site.name if call is not None else "a merged BatchNorm")
+                by = call.site.name if call is not None else ("a merged BatchNorm" if self.covered else "a call in gradient form")
+                self.note_covered(site, by)
             self.stack.append(name)
             try:
                 return _MODULE_CALL(module, *args, **kwargs)
@@ -878,9 +919,17 @@ class Tracer(TorchFunctionMode):
                 return merged
         site = CallSite("module", module_index, name, module, None, None, index, self.next_order(), None)
         rule = self.offer(site)
+        transparent = rule is not None and self.transparent and _is_transparent(rule)
         self.stack.append(name)
         try:
-            if rule is None:
+            if transparent:  # its rule is its pullback in gradient form: everything inside goes on the tape
+                self.transparent_depth += 1
+                try:
+                    output = _MODULE_CALL(module, *args, **kwargs)
+                finally:
+                    self.transparent_depth -= 1
+                ruled = None
+            elif rule is None:
                 output = _MODULE_CALL(module, *args, **kwargs)
                 ruled = None
             else:
@@ -904,7 +953,7 @@ class Tracer(TorchFunctionMode):
         if self.merge_batchnorm and isinstance(module, _MERGEABLE):
             outputs = [self.vid(leaf) for leaf in _tensor_leaves(output)]
             if len(outputs) == 1 and outputs[0] is not None and outputs[0] in self.activations:
-                self.last_layer = (ruled, module, outputs[0], name)
+                self.last_layer = (ruled, module, outputs[0], name, transparent)
         if observed is not None:
             self.add_observation(observed, output)
         return output
@@ -974,6 +1023,10 @@ class Tracer(TorchFunctionMode):
         call.input_sources.append(self.source.get(vid))
         call.index_of.setdefault(vid, index)
         self.lower(vid)
+        if vid not in self.cut and not self.per_op and vid not in self.origin:
+            self.cut.add(vid)  # a value inside a piece: split the piece here
+            self.pending_cut.add(vid)
+            self.steps.append(Split(vid))
         lifted = None
         if not call.quiet and not self.per_op:
             tensor = self.tensors[vid]
@@ -1007,7 +1060,7 @@ class Tracer(TorchFunctionMode):
         last = self.last_layer
         if last is None or not args or not isinstance(args[0], Tensor) or (id(bn), index) in self.skip_merge:
             return _NOT_MERGED
-        producer, layer, vid, layer_name = last
+        producer, layer, vid, layer_name, transparent = last
         if self.vid(args[0]) != vid:
             return _NOT_MERGED
         batch_statistics = getattr(bn, "running_mean", None) is None or getattr(bn, "running_var", None) is None
@@ -1022,10 +1075,12 @@ class Tracer(TorchFunctionMode):
         try:
             if producer is None:  # a layer without a rule: layer and BatchNorm keep their true gradient together
                 self.covered += 1
+                self.transparent_depth += transparent  # a transparent layer's BatchNorm is transparent with it
                 try:
                     return _MODULE_CALL(bn, *args, **kwargs)
                 finally:
                     self.covered -= 1
+                    self.transparent_depth -= transparent
             # reopen the layer's call: the BatchNorm runs inside it and its output becomes the call's output
             self.steps.remove(producer)
             for out in producer.outputs:
@@ -1053,6 +1108,7 @@ class Tracer(TorchFunctionMode):
             if vid is None or vid not in self.activations or not _is_float(self.tensors[vid]):
                 continue
             vids.append(vid)
+            self.lower(vid)  # the sweep reads its value (relevance = value * gradient)
             first = vid not in self.observed
             self.observed.add(vid)
             # a value inside a piece becomes a cut here; the sweep pushes its relevance back into the piece
@@ -1294,10 +1350,15 @@ class Tracer(TorchFunctionMode):
             name = _OP_NAMES.get(func) or _op_name_of(func)
             site = CallSite("op", op_index, f"{owner}/{name}" if owner else name, None, func, label, 0, self.next_order(),
                             op_class)
-            if self.covered:
+            if self.covered and not self.transparent_depth:
                 self.note_covered(site, "a merged BatchNorm")
+            elif self.transparent_depth:
+                self.note_covered(site, "a call in gradient form")
             else:
                 rule = self.offer(site)
+        transparent = self.transparent_depth > 0
+        if rule is not None and self.transparent and _is_transparent(rule):
+            transparent, rule = True, None  # its rule is its pullback in gradient form: on the tape
         if rule is not None:
             assert site is not None
             decompose = getattr(rule, "decompose", None)
@@ -1330,7 +1391,9 @@ class Tracer(TorchFunctionMode):
             for vid in outputs:
                 self.cut.add(vid)
             if outputs:
-                self.steps.append(OpStep(tuple(vids[p] for p in act), tuple(outputs), pullback, site))  # type: ignore[misc]
+                self.steps.append(OpStep(tuple(vids[p] for p in act), tuple(outputs), pullback, site,  # type: ignore[misc]
+                                         "gradient" if transparent else ("moves" if _ops.moves_values(func, op_class)
+                                                                         else "computes")))
         else:
             for position in act:
                 vid = vids[position]
@@ -1359,6 +1422,10 @@ class Tracer(TorchFunctionMode):
                     piece = self.union([piece_of[vids[p]] for p in act])  # type: ignore[index]
                 for vid in outputs:
                     piece_of[vid] = piece
+                if transparent:
+                    self.mark_piece(piece, True)
+                elif not _ops.moves_values(func, op_class):  # its pullback is not a mere move of the cotangent
+                    self.mark_piece(piece, False)
         if outputs:
             source = op_class
             if source is _ops.DataMovement or source is None:
@@ -1433,6 +1500,8 @@ class Tracer(TorchFunctionMode):
             piece_parent=self.piece_parent,
             piece_leaves=self.piece_leaves,
             piece_of=self.piece_of,
+            piece_computes=self.piece_computes,
+            piece_gradients=self.piece_gradients,
             leaf_of=self.leaf_of,
             origin=self.origin,
             param_names=self.param_names,
@@ -1442,6 +1511,11 @@ class Tracer(TorchFunctionMode):
             output_ids=output_ids,
             sites=self.sites,
         )
+
+
+def _is_transparent(rule: Any) -> bool:
+    """A rule whose gradient form is the call's true pullback (``gradient_form = "pullback"``)."""
+    return getattr(rule, "gradient_form", None) == "pullback"
 
 
 def _run(fn: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any], stack: Sequence[str]) -> Any:

@@ -408,8 +408,8 @@ def excitation_backprop(
 
 def attnlrp(
     *,
-    epsilon: StabilizerLike = 1e-6,
-    stabilizer: StabilizerLike = 1e-6,
+    epsilon: StabilizerLike = 0.0,
+    stabilizer: StabilizerLike = 0.0,
     zero_params: ZeroParams = None,
     layer_map: Entries | None = None,
     first_map: Entries | None = None,
@@ -422,10 +422,15 @@ def attnlrp(
         rule on products of activations (``q @ k^T``, ``A @ v``, gated MLPs); normalisation with its divisor held
         constant (LayerNorm, RMSNorm, also hand-written); the softmax rule ``R_in = x * (R - s * sum(R))``; fused
         attention (``F.scaled_dot_product_attention``, ``nn.MultiheadAttention``) decomposed into these operations,
-        so eager, sdpa and ``nn.MultiheadAttention`` attention give the same relevance. With epsilon -> 0 this is
-        what LXT computes as one backward pass of gradient times input. Entries of ``layer_map`` come first (e.g.
-        ``[(types.Linear + (ops.Dense, ops.Convolution), rules.gamma(0.25))]``, LXT's default for vision
+        so eager, sdpa and ``nn.MultiheadAttention`` attention give the same relevance. Entries of ``layer_map`` come
+        first (e.g. ``[(types.Linear + (ops.Dense, ops.Convolution), rules.gamma(0.25))]``, LXT's default for vision
         transformers); ``first_map`` entries go to the first site in execution order that they match.
+
+        ``epsilon`` (linear layers) and ``stabilizer`` (sums, products, normalisations, scaling) default to 0: no
+        stabilizer, a unit whose output is exactly zero passes no relevance. This is AttnLRP as LXT computes it
+        (modified gradient times input; equal to LXT 2.1 to float rounding), and it is fast: every rule then has a
+        gradient form, and the sweep propagates gradients (see :func:`lrpfunc.attribute`), at about the cost of a
+        gradient. A positive ``epsilon`` gives epsilon-LRP on the linear layers, at about twice the cost.
 
     References:
         Achtibat et al. (2024), AttnLRP: Attention-Aware Layer-Wise Relevance Propagation for Transformers, ICML.
@@ -435,8 +440,8 @@ def attnlrp(
 
 def cp_lrp(
     *,
-    epsilon: StabilizerLike = 1e-6,
-    stabilizer: StabilizerLike = 1e-6,
+    epsilon: StabilizerLike = 0.0,
+    stabilizer: StabilizerLike = 0.0,
     zero_params: ZeroParams = None,
     layer_map: Entries | None = None,
     first_map: Entries | None = None,
@@ -447,7 +452,7 @@ def cp_lrp(
         As :func:`attnlrp`, except that a product of activations gives all its relevance to the operands that are
         not a gate: an operand produced by a softmax (attention weights) or an element-wise nonlinearity (the
         activated gate of a gated MLP, a squeeze-excitation scale) receives none, so relevance flows through the
-        values only (:func:`~lrpfunc.rules.gated`).
+        values only (:func:`~lrpfunc.rules.gated`). ``epsilon`` and ``stabilizer`` as for :func:`attnlrp`.
 
     References:
         Ali et al. (2022), XAI for Transformers: Better Explanations through Conservative Propagation, ICML.

@@ -444,6 +444,18 @@ def _register_builtins() -> None:
 
 _register_builtins()
 
+#: Data movement that adds values up: its pullback of a gradient is not that of a relevance.
+_SUMMING = frozenset(_all("cumsum scatter_add fold index_put index_put_ index_add index_add_ scatter_reduce"))
+
+
+def moves_values(func: Callable[..., Any], op_class: type | None) -> bool:
+    """Whether every output element of ``func`` is one input element (data movement, selection, ``where``), so that
+    its pullback moves a cotangent alongside the value it belongs to: ``value * gradient`` is pulled back like the
+    relevance it equals. Sums (``cumsum``, ``scatter_add``, ``fold``) are not."""
+    if op_class is Selection:
+        return True
+    return op_class is DataMovement and func not in _SUMMING
+
 
 # ------------------------------------------------------------------------------------------------------------
 # transposes: the vector-Jacobian product of a linear operation w.r.t. its activation operand, in closed form

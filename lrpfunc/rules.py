@@ -18,7 +18,7 @@ import torch
 
 from ._basic import BasicRule, ParamMod, basic, default_reducer, identity, keep_param, negative_part, positive_part
 from ._call import Call, RuleError
-from ._stabilize import StabilizerLike, ensure_stabilizer
+from ._stabilize import StabilizerLike, divider, ensure_stabilizer, is_zero
 
 Tensor = torch.Tensor
 
@@ -119,15 +119,24 @@ def epsilon(epsilon: StabilizerLike = 1e-6, zero_params: ZeroParams = None) -> B
         Bach et al. (2015), PLoS ONE 10(7): e0130140. Montavon et al. (2019), Layer-wise relevance
         propagation: an overview, in Explainable AI, LNCS 11700.
     """
-    stabilizer = ensure_stabilizer(epsilon)
+    divide = divider(epsilon)
     return basic(
         input_modifiers=[identity],
         param_modifiers=[no_mod(zero_params=zero_params)],
         output_modifiers=[identity],
-        gradient_mapper=lambda grad, outputs: (grad / stabilizer(outputs[0]),),
+        gradient_mapper=lambda grad, outputs: (divide(grad, outputs[0]),),
         reducer=_first_product,
         name=f"epsilon(epsilon={epsilon!r}{_zp(zero_params)})",
+        gradient_form=_gradient_form(epsilon, zero_params),
     )
+
+
+def _gradient_form(stabilizer: StabilizerLike, zero_params: ZeroParams, held: bool = False) -> str | None:
+    """The gradient form of a rule ``x * J^T (R / z)`` without stabilizer and zeroed parameters (see :func:`basic`):
+    ``"pullback"`` with the call's true Jacobian, ``"modified"`` with the statistics held."""
+    if not is_zero(stabilizer) or zero_params:
+        return None
+    return "modified" if held else "pullback"
 
 
 def _zp(zero_params: ZeroParams) -> str:
@@ -375,14 +384,15 @@ def norm(stabilizer: StabilizerLike = 1e-6) -> BasicRule:
         ``R_i = x_i * (df/dx)^T (R / s(z))``; for a sum ``z = a + b`` this is ``R_a = a R / s(z)``,
         ``R_b = b R / s(z)``. Uses no parameters.
     """
-    stab = ensure_stabilizer(stabilizer)
+    divide = divider(stabilizer)
     return basic(
         input_modifiers=[identity],
         param_modifiers=[ParamMod(keep_param, param_keys=())],
         output_modifiers=[identity],
-        gradient_mapper=lambda grad, outputs: (grad / stab(outputs[0]),),
+        gradient_mapper=lambda grad, outputs: (divide(grad, outputs[0]),),
         reducer=_first_product,
         name="norm",
+        gradient_form=_gradient_form(stabilizer, None),
     )
 
 
@@ -505,12 +515,20 @@ class _Uniform:
     def __repr__(self) -> str:
         return "uniform"
 
+    @property
+    def gradient_form(self) -> str | None:
+        return "modified" if is_zero(self.stabilizer) else None
+
     def __call__(self, call: Call, grad_outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         _one_output("uniform", call, grad_outputs)
-        stab = ensure_stabilizer(self.stabilizer)
         (output,), (grad,) = call.outputs, grad_outputs
-        gradients = call.pullback((grad / (len(call.inputs) * stab(output)),))
+        gradients = call.pullback((divider(self.stabilizer)(grad, output) / len(call.inputs),))
         return tuple(x * g for x, g in zip(call.inputs, gradients))
+
+    def modified_gradient(self, call: Call, grad_outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """Without stabilizer: ``g_k = J_k^T g / n`` (``R_k = x_k * g_k`` for ``R = z * g``)."""
+        _one_output("uniform", call, grad_outputs)
+        return call.pullback((grad_outputs[0] / len(call.inputs),))
 
 
 def uniform(stabilizer: StabilizerLike = 1e-6) -> _Uniform:
@@ -539,18 +557,33 @@ class _Gated:
     def __repr__(self) -> str:
         return "gated"
 
+    @property
+    def gradient_form(self) -> str | None:
+        return "modified" if is_zero(self.stabilizer) else None
+
     def __call__(self, call: Call, grad_outputs: tuple[Tensor, ...]) -> tuple[Tensor | None, ...]:
         _one_output("gated", call, grad_outputs)
-        from . import ops
-
-        gates = [source is not None and issubclass(source, (ops.Softmax, ops.Elementwise)) for source in call.input_sources]
-        if len(gates) != len(call.inputs) or all(gates) or not any(gates):
-            gates = [False] * len(call.inputs)
-        carriers = len(gates) - sum(gates)
-        stab = ensure_stabilizer(self.stabilizer)
+        gates = _gates(call)
         (output,), (grad,) = call.outputs, grad_outputs
-        gradients = call.pullback((grad / (carriers * stab(output)),))
+        gradients = call.pullback((divider(self.stabilizer)(grad, output) / (len(gates) - sum(gates)),))
         return tuple(None if gate else x * g for x, g, gate in zip(call.inputs, gradients, gates))
+
+    def modified_gradient(self, call: Call, grad_outputs: tuple[Tensor, ...]) -> tuple[Tensor | None, ...]:
+        """Without stabilizer: ``g_k = J_k^T g / m`` for the ``m`` operands that are not gates, none for gates."""
+        _one_output("gated", call, grad_outputs)
+        gates = _gates(call)
+        gradients = call.pullback((grad_outputs[0] / (len(gates) - sum(gates)),))
+        return tuple(None if gate else g for g, gate in zip(gradients, gates))
+
+
+def _gates(call: Call) -> list[bool]:
+    """Which operands of a product are gates (made by a softmax or an element-wise nonlinearity); none if all are."""
+    from . import ops
+
+    gates = [source is not None and issubclass(source, (ops.Softmax, ops.Elementwise)) for source in call.input_sources]
+    if len(gates) != len(call.inputs) or all(gates) or not any(gates):
+        return [False] * len(call.inputs)
+    return gates
 
 
 def gated(stabilizer: StabilizerLike = 1e-6) -> _Gated:
@@ -585,6 +618,14 @@ class _Softmax:
         (gradient,) = call.pullback((grad / torch.where(y == 0, torch.ones_like(y), y),))
         return (torch.where(torch.isfinite(x), x, torch.zeros_like(x)) * gradient,)
 
+    #: The gradient form is the true pullback (see :mod:`lrpfunc._sweep`).
+    gradient_form = "pullback"
+
+    def modified_gradient(self, call: Call, grad_outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """``g_in = J^T g``: with ``R = s * g``, ``x * J^T (R / s) = x * J^T g`` (where ``s = 0``, ``J^T`` ignores it)."""
+        _one_output("softmax", call, grad_outputs)
+        return call.pullback(grad_outputs)
+
 
 def softmax() -> _Softmax:
     """The softmax rule of AttnLRP.
@@ -613,15 +654,16 @@ def normalization(epsilon: StabilizerLike = 1e-6, zero_params: ZeroParams = None
     References:
         Ali et al. (2022), ICML (the LN rule). Achtibat et al. (2024), ICML.
     """
-    stabilizer = ensure_stabilizer(epsilon)
+    divide = divider(epsilon)
     return basic(
         input_modifiers=[identity],
         param_modifiers=[no_mod(zero_params=zero_params, require_params=False)],
         output_modifiers=[identity],
-        gradient_mapper=lambda grad, outputs: (grad / stabilizer(outputs[0]),),
+        gradient_mapper=lambda grad, outputs: (divide(grad, outputs[0]),),
         reducer=_first_product,
         name=f"normalization({_zp(zero_params).lstrip(', ')})",
         hold_statistics=True,
+        gradient_form=_gradient_form(epsilon, zero_params, held=True),
     )
 
 

@@ -225,22 +225,26 @@ def _reference_bert(model: nn.Module, embeds: torch.Tensor, seed: torch.Tensor) 
     return (x * gradient).detach()
 
 
+@pytest.mark.parametrize("epsilon", [0.0, TINY], ids=["gradient_form", "epsilon"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("cp", [False, True], ids=["attnlrp", "cp_lrp"])
-def test_llama_equals_the_rules_written_out(attn: str, cp: bool) -> None:
+def test_llama_equals_the_rules_written_out(attn: str, cp: bool, epsilon: float) -> None:
+    """With epsilon 0 (the default) every rule has a gradient form; with a tiny epsilon every step is relevance."""
     model = _llama(attn)
     embeds = _embeds(model)
-    composite = composites.cp_lrp(epsilon=TINY, stabilizer=TINY) if cp else composites.attnlrp(epsilon=TINY, stabilizer=TINY)
+    make = composites.cp_lrp if cp else composites.attnlrp
+    composite = make(epsilon=epsilon, stabilizer=epsilon)
     relevance, seed = _attribute(model, composite, embeds)
     expected = _reference_llama(model, embeds, seed, cp=cp)
     torch.testing.assert_close(relevance, expected, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("epsilon", [0.0, TINY], ids=["gradient_form", "epsilon"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_bert_equals_the_rules_written_out(attn: str) -> None:
+def test_bert_equals_the_rules_written_out(attn: str, epsilon: float) -> None:
     model = _bert(attn)
     embeds = _embeds(model)
-    relevance, seed = _attribute(model, composites.attnlrp(epsilon=TINY, stabilizer=TINY), embeds)
+    relevance, seed = _attribute(model, composites.attnlrp(epsilon=epsilon, stabilizer=epsilon), embeds)
     torch.testing.assert_close(relevance, _reference_bert(model, embeds, seed), rtol=1e-6, atol=1e-9)
 
 
