@@ -40,7 +40,8 @@ class TokenAttribution:
             ``None`` for a model without them (rotary positions) or when not asked for.
         logits: The model's logits, ``(B, L, V)`` for a language model, ``(B, C)`` for a classifier.
         target: ``(K, B)`` or ``(B,)``: the target logits; each attribution starts from its logit's value (the LRP
-            convention), so ``tokens`` sums to about ``target`` where the rules conserve.
+            convention), so ``tokens`` sums to about ``target`` where the rules conserve (a negative logit flips the
+            sign of every relevance: positive relevance always means "towards this logit's value").
     """
 
     tokens: Tensor
@@ -108,7 +109,8 @@ def attribute_tokens(
 
     Args:
         model: A HuggingFace model with ``get_input_embeddings()`` that accepts ``inputs_embeds`` and returns logits.
-        composite: The rules; ``None`` gives gradient times input.
+        composite: The rules; ``None`` gives the plain gradient w.r.t. the embeddings (times the target logit, like
+            every attribution here).
         canonizers: Canonizers, as for :func:`lrpfunc.attribute`.
         positions: Report the relevance of learned position embeddings (costs the parameter relevance of every
             rule; ``False`` skips it).

@@ -26,6 +26,7 @@ NAMES = (
     "distributed_attribution",
     "concepts",
     "faithfulness",
+    "transformer_attribution",
 )
 
 
@@ -201,3 +202,33 @@ def test_faithfulness(tmp_path: Path) -> None:
     table = Path(result["table"]).read_text().splitlines()
     assert table[0].startswith("| method | ABPC") and len(table) == 2 + len(abpc)
     _valid_png(result["path"])
+
+
+def test_transformer_attribution(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    result = _load("transformer_attribution").main([str(tmp_path)], fast=True)
+    # the model learned the task, and from the planted words (fast mode, seeds 0-11: drops 5.0-5.7 and 0.00-0.01)
+    assert result["test_accuracy"] >= 0.95 and result["evaluated_accuracy"] >= 0.95
+    assert result["logit_drop"]["evidence"] > 2.0
+    assert abs(result["logit_drop"]["filler"]) < 0.5
+    assert result["attribute_tokens_vs_attribute"] < 1e-4  # token ids in, or embeddings in: the same relevance
+    # pictures: the PNG, and the pages with one span per token (4 reviews of 15 tokens; 5 methods on the second)
+    assert _valid_png(result["png"])[0] >= 800
+    pages = [Path(path).read_text(encoding="utf-8") for path in result["html"]]
+    for page, spans in zip(pages, (4 * 15, 5 * 4 * 15), strict=True):
+        assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+        assert page.count("<span") == spans
+    assert "&lt;sep&gt;" in pages[0]
+    methods = ("attnlrp", "cp_lrp", "input_x_gradient", "gradient", "random")
+    table = Path(result["table"]).read_text(encoding="utf-8").splitlines()
+    assert table[0] == "| method | ABPC | AUC most | AUC least | top-1 on evidence |"
+    assert [row.split(" | ")[0] for row in table[2:7]] == [f"| {name}" for name in methods]
+    abpc, hits, chance = result["abpc"], result["top1_on_evidence"], result["chance_top1"]
+    assert set(abpc) == set(hits) == set(methods)
+    # measured in fast mode, seeds 0-11: random's ABPC -0.26..0.46, its hit rate within 0.06 of chance (~0.10);
+    # AttnLRP and CP-LRP: ABPC 3.8-5.1, every top-1 token a planted word (1.00)
+    assert abs(abpc["random"]) < 1.0
+    assert abs(hits["random"] - chance) < 0.1
+    for name in ("attnlrp", "cp_lrp"):
+        assert abpc[name] > abpc["random"] + 2.0, name
+        assert hits[name] > max(hits["random"], chance) + 0.5, name
