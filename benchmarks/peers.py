@@ -39,13 +39,17 @@ def _reason(exc: BaseException) -> str:
 
 
 def _version(name: str) -> str:
+    """The imported module's ``__version__`` (lrpfunc comes from the checkout, whatever the environment has
+    installed), else the installed distribution's version."""
+    module = sys.modules.get(name)
+    if getattr(module, "__version__", None) is not None:
+        return str(module.__version__)
     try:
         from importlib.metadata import version
 
         return version(name)
-    except Exception:  # not installed as a distribution (e.g. lrpfunc from the checkout)
-        module = sys.modules.get(name)
-        return str(getattr(module, "__version__", "checkout"))
+    except Exception:  # not installed as a distribution
+        return "unknown"
 
 
 def ensure_torchvision() -> str:
