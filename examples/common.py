@@ -32,6 +32,16 @@ def make_shapes(n: int, generator: torch.Generator, size: int = 32) -> tuple[tor
     return images, labels, masks
 
 
+def shapes_cnn() -> nn.Module:
+    """The small CNN of the quickstart: three convolutions (two with BatchNorm), max pooling, a linear head."""
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, len(CLASSES)),
+    )
+
+
 def train(model: nn.Module, steps: int, generator: torch.Generator, *, batch_size: int = 64, lr: float = 3e-3) -> float:
     """Plain supervised training with Adam on fresh batches; leaves ``model`` in eval mode, returns the last loss."""
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)

@@ -26,23 +26,13 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 import lrpfunc
 from lrpfunc import canonizers, composites
 from lrpfunc.image import heatmap
-from common import CLASSES, labelled_grid, make_shapes, to_image, train
+from common import CLASSES, labelled_grid, make_shapes, shapes_cnn, to_image, train
 
 LAYER = "8"  # the third convolution: 32 channels on an 8x8 grid
-
-
-def make_model() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, len(CLASSES)),
-    )
 
 
 def main(argv: list[str] | None = None, *, fast: bool = False) -> dict:
@@ -59,7 +49,7 @@ def main(argv: list[str] | None = None, *, fast: bool = False) -> dict:
 
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
-    model = make_model()
+    model = shapes_cnn()
     train(model, steps=80 if fast else 150, generator=generator)
     x_test, y_test, _ = make_shapes(256, generator)
     with torch.no_grad():

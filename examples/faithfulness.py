@@ -28,19 +28,10 @@ from torch import nn
 import lrpfunc
 from lrpfunc import canonizers, composites
 from lrpfunc.evaluate import evaluate_dataset
-from common import CLASSES, make_shapes, train
+from common import CLASSES, make_shapes, shapes_cnn, train
 
 COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
           (227, 119, 194), (127, 127, 127), (188, 189, 34)]
-
-
-def make_model() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, len(CLASSES)),
-    )
 
 
 def methods(model: nn.Module, params: dict, low: float, high: float) -> dict[str, object]:
@@ -109,7 +100,7 @@ def main(argv: list[str] | None = None, *, fast: bool = False) -> dict:
 
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
-    model = make_model()
+    model = shapes_cnn()
     train(model, steps=80 if fast else 150, generator=generator)
     x_test, y_test, _ = make_shapes(images, generator)
     with torch.no_grad():

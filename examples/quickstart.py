@@ -22,20 +22,11 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 import lrpfunc
 from lrpfunc import canonizers, composites
 from lrpfunc.image import heatmap
-from common import CLASSES, image_grid, make_shapes, to_image, train
-
-def make_model() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, len(CLASSES)),
-    )
+from common import CLASSES, image_grid, make_shapes, shapes_cnn, to_image, train
 
 
 def methods(low: float, high: float) -> dict[str, object]:
@@ -64,7 +55,7 @@ def main(argv: list[str] | None = None, *, fast: bool = False) -> dict:
 
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
-    model = make_model()
+    model = shapes_cnn()
     start = time.perf_counter()
     loss = train(model, steps=80 if fast else 150, generator=generator)
     seconds = time.perf_counter() - start

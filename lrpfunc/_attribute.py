@@ -12,7 +12,7 @@ import torch
 
 from ._composite import CallSite, Composite, RuleTable, resolver_of
 from ._sweep import Observer, sweep
-from ._tape import AutogradTape, Tape, VjpTape, choose_tape
+from ._tape import AutogradTape, Tape, choose_tape
 from ._trace import ModelInfo, Retry, Stale, Substitution, Trace, Tracer, call_model, tracing
 from .canonizers import Canonizer
 

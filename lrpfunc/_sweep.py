@@ -275,17 +275,20 @@ def _finite(value: Tensor) -> Tensor:
 
 def _gradient_rule(step: RuledCall, call: Call, grad_outputs: tuple[Tensor, ...]) -> tuple[Tensor | None, ...]:
     """``step.rule.modified_gradient(call, grad_outputs)``, checked like a rule's result."""
-    rule = step.rule
-    results = tuple(rule.modified_gradient(call, grad_outputs))
+    return _checked(step.rule, call, tuple(step.rule.modified_gradient(call, grad_outputs)), "gradient")
+
+
+def _checked(rule: Any, call: Call, results: tuple[Tensor | None, ...], what: str) -> tuple[Tensor | None, ...]:
+    """``results``, after checking that there is one per activation input of ``call``, each of that input's shape."""
     if len(results) != len(call.inputs):
         raise RuleError(
-            f"rule {rule_name(rule)} returned {len(results)} gradient(s) for {call.describe()}, which has "
+            f"rule {rule_name(rule)} returned {len(results)} input {what}(s) for {call.describe()}, which has "
             f"{len(call.inputs)} activation input(s)"
         )
     for position, (grad, tensor) in enumerate(zip(results, call.inputs)):
         if grad is not None and grad.shape != tensor.shape:
             raise RuleError(
-                f"rule {rule_name(rule)} returned a gradient of shape {tuple(grad.shape)} for input {position} of "
+                f"rule {rule_name(rule)} returned a {what} of shape {tuple(grad.shape)} for input {position} of "
                 f"{call.describe()}, expected shape {tuple(tensor.shape)}"
             )
     return results
@@ -486,18 +489,7 @@ def _apply_rule(
         result, params = result.inputs, result.params
     elif isinstance(result, Tensor):
         result = (result,)
-    result = tuple(result)
-    if len(result) != len(call.inputs):
-        raise RuleError(
-            f"rule {rule_name(rule)} returned {len(result)} input relevance(s) for {call.describe()}, "
-            f"which has {len(call.inputs)} activation input(s)"
-        )
-    for position, (grad, tensor) in enumerate(zip(result, call.inputs)):
-        if grad is not None and grad.shape != tensor.shape:
-            raise RuleError(
-                f"rule {rule_name(rule)} returned a relevance of shape {tuple(grad.shape)} for input "
-                f"{position} of {call.describe()}, expected shape {tuple(tensor.shape)}"
-            )
+    result = _checked(rule, call, tuple(result), "relevance")
     if param_relevance is not None and params:
         prefix = f"{call.name}." if call.name and call.module is not None else (f"{call.name}:" if call.name else "")
         for local, value in params.items():

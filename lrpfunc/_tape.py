@@ -42,11 +42,18 @@ class Tape:
     #: Whether :meth:`quiet` does anything (otherwise the tracer skips entering it).
     has_quiet: bool = False
 
+    _grad: contextlib.AbstractContextManager[None] | None = None
+
     def begin(self) -> None:
-        """Start recording (before the forward pass)."""
+        """Start recording (before the forward pass): grad mode on, whatever the caller's."""
+        self._grad = torch.enable_grad()
+        self._grad.__enter__()
 
     def end(self) -> None:
-        """Stop recording (after the forward pass, before the sweep)."""
+        """Stop recording (after the forward pass, before the sweep): the caller's grad mode again."""
+        if self._grad is not None:
+            self._grad.__exit__(None, None, None)
+            self._grad = None
 
     def lift(self, tensor: Tensor) -> Tensor:
         """A fresh leaf of the tape with the value of ``tensor``: the start of a new piece."""
@@ -87,18 +94,6 @@ class AutogradTape(Tape):
     exact = False
     name = "autograd"
 
-    def __init__(self) -> None:
-        self._grad: contextlib.AbstractContextManager[None] | None = None
-
-    def begin(self) -> None:
-        self._grad = torch.enable_grad()
-        self._grad.__enter__()
-
-    def end(self) -> None:
-        if self._grad is not None:
-            self._grad.__exit__(None, None, None)
-            self._grad = None
-
     def lift(self, tensor: Tensor) -> Tensor:
         return tensor.detach().requires_grad_()
 
@@ -117,17 +112,13 @@ class LevelTape(Tape):
 
     def __init__(self) -> None:
         self.level: int | None = None
-        self._grad: contextlib.AbstractContextManager[None] | None = None
 
     def begin(self) -> None:
         self.level = _functorch.open_level()
-        self._grad = torch.enable_grad()
-        self._grad.__enter__()
+        super().begin()
 
     def end(self) -> None:
-        if self._grad is not None:
-            self._grad.__exit__(None, None, None)
-            self._grad = None
+        super().end()
         if self.level is not None:
             _functorch.close_level()
 
@@ -148,18 +139,6 @@ class VjpTape(Tape):
 
     per_op = True
     name = "vjp"
-
-    def __init__(self) -> None:
-        self._grad: contextlib.AbstractContextManager[None] | None = None
-
-    def begin(self) -> None:
-        self._grad = torch.enable_grad()
-        self._grad.__enter__()
-
-    def end(self) -> None:
-        if self._grad is not None:
-            self._grad.__exit__(None, None, None)
-            self._grad = None
 
     def pullback(self, outputs: Sequence[Tensor], inputs: Sequence[Tensor], cotangents: Sequence[Tensor]) -> list[Tensor | None]:
         raise RuntimeError("VjpTape has no shared graph: every operation carries its own pullback")

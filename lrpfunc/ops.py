@@ -224,7 +224,7 @@ def _mul(args: Sequence[Any], kwargs: Mapping[str, Any], is_activation: IsActiva
 
 
 def _div(args: Sequence[Any], kwargs: Mapping[str, Any], is_activation: IsActivation) -> OpInfo:
-    numerator, denominator = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "other")
+    denominator = _arg(args, kwargs, 1, "other")
     if kwargs.get("rounding_mode") is not None or is_activation(denominator):
         return OpInfo(Other, _NO_PARAMS)
     return OpInfo(Scale, {"divisor": denominator} if isinstance(denominator, Tensor) else _NO_PARAMS)

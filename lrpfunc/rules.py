@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._basic import BasicRule, ParamMod, basic, default_reducer, identity, keep_param, negative_part, positive_part
+from ._basic import BasicRule, ParamMod, basic, identity, keep_param, negative_part, positive_part
 from ._call import Call, RuleError
 from ._stabilize import StabilizerLike, divider, ensure_stabilizer, is_zero
 

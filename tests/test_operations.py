@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lrpfunc
-from lrpfunc import canonizers, composites, ops, rules, types
+from lrpfunc import composites, ops, rules, types
 
 D = torch.float64
 
@@ -156,7 +156,7 @@ def test_functional_layers_get_what_their_modules_get(make) -> None:
 def test_residual_sum_gets_the_sum_rule_without_a_canonizer() -> None:
     torch.manual_seed(2)
     model = Modules().to(D)
-    x, grad_output = torch.randn(2, 3, 8, 8, dtype=D), torch.randn(2, 5, dtype=D)
+    x = torch.randn(2, 3, 8, 8, dtype=D)
     table = lrpfunc.rule_table(model, composites.epsilon_plus(), x)
     (site, rule), = [(site, rule) for site, rule in table if site.op_class is ops.Sum]
     assert repr(rule) == "norm" and site.label is None  # by its class, not by a canonizer's label

@@ -145,7 +145,8 @@ def check_mobilenet_v2(model: nn.Module, t: Trace) -> None:
     residual = [b for b in blocks if b.use_res_connect]
     assert residual and len(residual) < len(blocks)
     assert any(is_depthwise(m) for m in model.modules())
-    stages = modules_of(model, zoo.Conv2dNormActivation)
+    # the stem and the head are the zoo's Conv2dNormActivation, the blocks' stages the benchmarks' (the same layout)
+    stages = modules_of(model, (zoo.Conv2dNormActivation, zoo.benchmark_models.Conv2dNormActivation))
     assert stages and all(isinstance(s[-1], nn.ReLU6) and s[-1].inplace for s in stages)
     assert t.count_inplace(F.hardtanh, 3) == len(stages)
     assert t.count(torch.Tensor.add) == len(residual) and t.count(torch.Tensor.add_) == 0

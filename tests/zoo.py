@@ -440,59 +440,9 @@ class DenseNet(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 
 
-class InvertedResidualV2(nn.Module):
-    """``torchvision.models.mobilenetv2.InvertedResidual``: pw expand, dw 3x3, pw-linear, ``x + conv(x)``.
-
-    References:
-        Sandler et al., "MobileNetV2: Inverted Residuals and Linear Bottlenecks", CVPR 2018,
-        https://arxiv.org/abs/1801.04381
-    """
-
-    def __init__(
-        self, inp: int, oup: int, stride: int, expand_ratio: int, norm_layer: Callable[..., nn.Module] | None = None
-    ) -> None:
-        super().__init__()
-        self.stride = stride
-        if stride not in [1, 2]:
-            raise ValueError(f"stride should be 1 or 2 instead of {stride}")
-
-        if norm_layer is None:
-            norm_layer = nn.BatchNorm2d
-
-        hidden_dim = int(round(inp * expand_ratio))
-        self.use_res_connect = self.stride == 1 and inp == oup
-
-        layers: list[nn.Module] = []
-        if expand_ratio != 1:
-            # pw
-            layers.append(
-                Conv2dNormActivation(inp, hidden_dim, kernel_size=1, norm_layer=norm_layer, activation_layer=nn.ReLU6)
-            )
-        layers.extend(
-            [
-                # dw
-                Conv2dNormActivation(
-                    hidden_dim,
-                    hidden_dim,
-                    stride=stride,
-                    groups=hidden_dim,
-                    norm_layer=norm_layer,
-                    activation_layer=nn.ReLU6,
-                ),
-                # pw-linear
-                nn.Conv2d(hidden_dim, oup, 1, 1, 0, bias=False),
-                norm_layer(oup),
-            ]
-        )
-        self.conv = nn.Sequential(*layers)
-        self.out_channels = oup
-        self._is_cn = stride > 1
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.use_res_connect:
-            return x + self.conv(x)
-        else:
-            return self.conv(x)
+#: ``torchvision.models.mobilenetv2.InvertedResidual`` (pw expand, dw 3x3, pw-linear, ``x + conv(x)``; Sandler et al.,
+#: "MobileNetV2: Inverted Residuals and Linear Bottlenecks", CVPR 2018): the benchmarks' copy.
+InvertedResidualV2 = benchmark_models.InvertedResidual
 
 
 class MobileNetV2(nn.Module):
