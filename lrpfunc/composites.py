@@ -309,6 +309,45 @@ def _lrp(
     return FirstLayerMap(LayerMap(_entries("composite", list(first_entries or [])) + tuple(first)), rest)
 
 
+def _label_of(composite: object) -> str | None:
+    """How a named composite was built (``epsilon_plus(epsilon=1e-06, stabilizer=1e-06)``), if it is one."""
+    return composite.__dict__.get("_label")
+
+
+def _count(entries: Sequence[object]) -> str:
+    return f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}"
+
+
+def _argument(value: object) -> str:
+    """A short text of a composite's argument: lists by their length, tensors by their shape, functions by name."""
+    if isinstance(value, Tensor):
+        return f"{value.item()!r}" if value.numel() == 1 else f"tensor{tuple(value.shape)}"
+    if isinstance(value, (list, tuple)) and not all(isinstance(item, str) for item in value):
+        return f"[{_count(value)}]"
+    if callable(value) and not hasattr(value, "__dataclass_fields__"):
+        return getattr(value, "__name__", type(value).__name__)
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _labelled(make: Callable[..., Composite]) -> Callable[..., Composite]:
+    """``make`` whose composites print as the call that built them (their classes' reprs would list every entry),
+    without the arguments left at ``None``."""
+    signature = inspect.signature(make)
+
+    @functools.wraps(make)
+    def build(*args: Any, **kwargs: Any) -> Composite:
+        composite = make(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        shown = ", ".join(f"{name}={_argument(value)}" for name, value in bound.arguments.items() if value is not None)
+        object.__setattr__(composite, "_label", f"{make.__name__}({shown})")  # not a field: equality ignores it
+        return composite
+
+    return build
+
+
+@_labelled
 def epsilon(
     epsilon: StabilizerLike = 1e-6,
     *,
@@ -345,6 +384,7 @@ def epsilon(
     return _lrp(layer_map, first_map, [(_LINEAR, _rules.epsilon(epsilon, zero_params))], None, stabilizer, zero_params)
 
 
+@_labelled
 def epsilon_plus(
     *,
     epsilon: StabilizerLike = 1e-6,
@@ -359,6 +399,7 @@ def epsilon_plus(
     ], None, stabilizer, zero_params)
 
 
+@_labelled
 def epsilon_plus_flat(
     *,
     epsilon: StabilizerLike = 1e-6,
@@ -374,6 +415,7 @@ def epsilon_plus_flat(
     ], [(_LINEAR, _rules.flat(stabilizer, zero_params))], stabilizer, zero_params)
 
 
+@_labelled
 def epsilon_alpha2_beta1(
     *,
     epsilon: StabilizerLike = 1e-6,
@@ -388,6 +430,7 @@ def epsilon_alpha2_beta1(
     ], None, stabilizer, zero_params)
 
 
+@_labelled
 def epsilon_alpha2_beta1_flat(
     *,
     epsilon: StabilizerLike = 1e-6,
@@ -403,6 +446,7 @@ def epsilon_alpha2_beta1_flat(
     ], [(_LINEAR, _rules.flat(stabilizer, zero_params))], stabilizer, zero_params)
 
 
+@_labelled
 def epsilon_gamma_box(
     low: float | Tensor,
     high: float | Tensor,
@@ -422,22 +466,26 @@ def epsilon_gamma_box(
     ], [(_CONVOLUTION, _rules.zbox(low, high, stabilizer, zero_params))], stabilizer, zero_params)
 
 
+@_labelled
 def guided_backprop(*, layer_map: Entries | None = None) -> Composite:
     """Guided Backpropagation on every ReLU, module or function (Zennit's ``GuidedBackprop``)."""
     return LayerMap(_entries("guided_backprop", list(layer_map or [])) + ((_types.ReLU, _rules.relu_guided_backprop()),))
 
 
+@_labelled
 def deconvnet(*, layer_map: Entries | None = None) -> Composite:
     """DeconvNet on every ReLU, module or function (Zennit's ``DeconvNet``)."""
     return LayerMap(_entries("deconvnet", list(layer_map or [])) + ((_types.ReLU, _rules.relu_deconvnet()),))
 
 
+@_labelled
 def beta_smooth(beta_smooth: float = 10.0, *, layer_map: Entries | None = None) -> Composite:
     """ReLU gradients replaced by softplus(beta_smooth) gradients, for ReLU modules and functions (Zennit's
     ``BetaSmooth``)."""
     return LayerMap(_entries("beta_smooth", list(layer_map or [])) + ((_types.ReLU, _rules.relu_beta_smooth(beta_smooth)),))
 
 
+@_labelled
 def excitation_backprop(
     *, stabilizer: StabilizerLike = 1e-6, zero_params: ZeroParams = None, layer_map: Entries | None = None
 ) -> Composite:
@@ -457,6 +505,7 @@ def excitation_backprop(
     )
 
 
+@_labelled
 def attnlrp(
     *,
     epsilon: StabilizerLike = 0.0,
@@ -489,6 +538,7 @@ def attnlrp(
     return _lrp(layer_map, first_map, [(_LINEAR, _rules.epsilon(epsilon, zero_params))], None, stabilizer, zero_params)
 
 
+@_labelled
 def cp_lrp(
     *,
     epsilon: StabilizerLike = 0.0,
@@ -510,55 +560,3 @@ def cp_lrp(
     """
     entries = list(layer_map or []) + [((_ops.Product,), _rules.gated(stabilizer))]
     return _lrp(entries, first_map, [(_LINEAR, _rules.epsilon(epsilon, zero_params))], None, stabilizer, zero_params)
-
-
-def _label_of(composite: object) -> str | None:
-    """How a named composite was built (``epsilon_plus(epsilon=1e-06, stabilizer=1e-06)``), if it is one."""
-    return composite.__dict__.get("_label")
-
-
-def _count(entries: Sequence[object]) -> str:
-    return f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}"
-
-
-def _argument(value: object) -> str:
-    """A short text of a composite's argument: lists by their length, tensors by their shape, functions by name."""
-    if isinstance(value, Tensor):
-        return f"{value.item()!r}" if value.numel() == 1 else f"tensor{tuple(value.shape)}"
-    if isinstance(value, (list, tuple)) and not all(isinstance(item, str) for item in value):
-        return f"[{_count(value)}]"
-    if callable(value) and not hasattr(value, "__dataclass_fields__"):
-        return getattr(value, "__name__", type(value).__name__)
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _labelled(make: Callable[..., Composite]) -> Callable[..., Composite]:
-    """``make`` whose composites print as the call that built them, without the arguments left at ``None``."""
-    signature = inspect.signature(make)
-
-    @functools.wraps(make)
-    def build(*args: Any, **kwargs: Any) -> Composite:
-        composite = make(*args, **kwargs)
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        shown = ", ".join(f"{name}={_argument(value)}" for name, value in bound.arguments.items() if value is not None)
-        object.__setattr__(composite, "_label", f"{make.__name__}({shown})")  # not a field: equality ignores it
-        return composite
-
-    return build
-
-
-# The named composites print as the call that built them (their classes' own reprs would list every entry).
-epsilon = _labelled(epsilon)
-epsilon_plus = _labelled(epsilon_plus)
-epsilon_plus_flat = _labelled(epsilon_plus_flat)
-epsilon_alpha2_beta1 = _labelled(epsilon_alpha2_beta1)
-epsilon_alpha2_beta1_flat = _labelled(epsilon_alpha2_beta1_flat)
-epsilon_gamma_box = _labelled(epsilon_gamma_box)
-guided_backprop = _labelled(guided_backprop)
-deconvnet = _labelled(deconvnet)
-beta_smooth = _labelled(beta_smooth)
-excitation_backprop = _labelled(excitation_backprop)
-attnlrp = _labelled(attnlrp)
-cp_lrp = _labelled(cp_lrp)
