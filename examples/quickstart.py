@@ -7,8 +7,10 @@ class. This script
    background; the class is the shape) and trains a small CNN with BatchNorm on it for a few seconds;
 2. builds one pure attribution function per method with ``lrpfunc.attribute`` (LRP composites, Guided
    Backprop, the plain gradient) and ``lrpfunc.integrated_gradients``;
-3. writes ``quickstart.png`` to the output folder: one row per test image, the input in the first
-   column and one heatmap per method in the others (red: positive relevance, blue: negative);
+3. writes ``quickstart.png`` to the output folder: one row per test image (labelled with its class and the
+   model's prediction), the input in the first column and one heatmap per method in the others, each column
+   titled, and a colour bar (red: positive relevance, blue: negative, white: none; each map scaled to its own
+   largest magnitude);
 4. reports the test accuracy and, per method, the share of positive relevance that lies on the object
    (the shape's pixels), next to the share of the image the object covers.
 
@@ -25,8 +27,20 @@ import torch
 
 import lrpfunc
 from lrpfunc import canonizers, composites
-from lrpfunc.image import heatmap
-from common import CLASSES, image_grid, make_shapes, shapes_cnn, to_image, train
+from lrpfunc.image import heatmap, labelled_grid
+from common import CLASSES, make_shapes, shapes_cnn, to_image, train
+
+TITLES = {
+    "input": "input",
+    "gradient": "gradient",
+    "integrated_gradients": "integrated gradients",
+    "guided_backprop": "guided backprop",
+    "epsilon_plus_flat": "LRP epsilon_plus_flat",
+    "epsilon_gamma_box": "LRP epsilon_gamma_box",
+    "epsilon_alpha2_beta1": "LRP epsilon_alpha2_beta1",
+}
+COLORBAR = ("positive relevance\n(red, the map's\nlargest value)", "0 (white)",
+            "negative relevance\n(blue)")
 
 
 def methods(low: float, high: float) -> dict[str, object]:
@@ -62,7 +76,8 @@ def main(argv: list[str] | None = None, *, fast: bool = False) -> dict:
 
     x_test, y_test, masks = make_shapes(256, generator)
     with torch.no_grad():
-        accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
+        predicted = model(x_test).argmax(1)
+    accuracy = (predicted == y_test).float().mean().item()
 
     params = dict(model.named_parameters())
     x, y, mask = x_test[: args.samples], y_test[: args.samples], masks[: args.samples]
@@ -77,7 +92,9 @@ def main(argv: list[str] | None = None, *, fast: bool = False) -> dict:
         relevances[name] = relevance
 
     rows = [[to_image(x[i])] + [heatmap(relevances[name][i]) for name in relevances] for i in range(len(x))]
-    grid = image_grid(rows)
+    labels = [f"{CLASSES[int(y[i])]}\n(predicted:\n{CLASSES[int(predicted[i])]})" for i in range(len(x))]
+    grid = labelled_grid(rows, titles=[TITLES[name] for name in ["input", *relevances]], row_labels=labels,
+                         colorbar="bwr", colorbar_labels=COLORBAR, cell_size=128)
     path = out / "quickstart.png"
     grid.save(path)
 
@@ -86,6 +103,7 @@ def main(argv: list[str] | None = None, *, fast: bool = False) -> dict:
         "grid_size": grid.size,
         "rows": len(rows),
         "columns": ["input", *relevances],
+        "row_labels": labels,
         "train_seconds": seconds,
         "final_loss": loss,
         "test_accuracy": accuracy,

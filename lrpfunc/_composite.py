@@ -106,7 +106,8 @@ class RuleTable:
     """The rule of each call site, as a composite resolved it. ``print(table)`` shows it.
 
     Sites inside a call that has a rule are covered by it (they get no rule of their own); they are listed with
-    ``covered by ...`` in place of a rule.
+    ``covered by ...`` in place of a rule. A site without a rule shows ``-``: the true gradient passes through it.
+    ``print`` adds a header and a legend that says so; :meth:`format` leaves them out on request.
     """
 
     rows: tuple[tuple[CallSite, Any], ...]
@@ -132,12 +133,35 @@ class RuleTable:
                 return by
         raise KeyError(f"no call site named {name!r} (call {call_index + 1}) in this table")
 
-    def __str__(self) -> str:
+    def format(self, *, header: bool = True, legend: bool = True) -> str:
+        """The table as text: one line per call site (site, operation class, rule), in execution order.
+
+        Args:
+            header: Start with a line naming the columns.
+            legend: End with lines explaining ``-`` and ``(covered by ...)``.
+        """
         covered = self.covered or (None,) * len(self.rows)
         lines = [
             (site.describe(), _class_name(site), rule_name(rule) if by is None else f"(covered by {by})")
             for (site, rule), by in zip(self.rows, covered)
         ]
+        if header:
+            lines.insert(0, _HEADER)
         left = max((len(a) for a, _, _ in lines), default=0)
         middle = max((len(b) for _, b, _ in lines), default=0)
-        return "\n".join(f"{a.ljust(left)}  {b.ljust(middle)}  {c}".rstrip() for a, b, c in lines)
+        text = [f"{a.ljust(left)}  {b.ljust(middle)}  {c}".rstrip() for a, b, c in lines]
+        return "\n".join(text + (["", *_LEGEND] if legend else []))
+
+    def __str__(self) -> str:
+        return self.format()
+
+    def __repr__(self) -> str:
+        ruled = sum(1 for _, rule in self.rows if rule is not None)
+        return f"<RuleTable: {len(self.rows)} call sites, {ruled} with a rule>"
+
+
+_HEADER = ("call site (in execution order)", "operation class", "rule")
+_LEGEND = (
+    "-               no rule at this call: the true gradient passes (the calls inside it keep their own rules)",
+    "(covered by X)  inside the call X that has a rule: X's rule replaces the whole call, this one gets none",
+)

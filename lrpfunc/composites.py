@@ -9,6 +9,8 @@ composite resolves to for a model.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +34,7 @@ __all__ = [
     "first_layer_map",
     "mixed",
     "layer_map_base",
+    "epsilon",
     "epsilon_plus",
     "epsilon_plus_flat",
     "epsilon_alpha2_beta1",
@@ -85,6 +88,9 @@ class LayerMap:
     )
     _by_op: dict[tuple[Any, ...], Any] = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
+    def __repr__(self) -> str:
+        return _label_of(self) or f"layer_map([{_count(self.entries)}])"
+
     def _match(self, site: CallSite) -> Rule | None:
         return next((rule for matchers, rule in self.entries if site.matches(matchers)), None)
 
@@ -114,6 +120,9 @@ class NameMap:
 
     entries: tuple[tuple[tuple[str, ...], Rule], ...]
 
+    def __repr__(self) -> str:
+        return _label_of(self) or f"name_map([{_count(self.entries)}])"
+
     def rule_for(self, site: CallSite) -> Rule | None:
         return next((rule for names, rule in self.entries if site.name in names), None)
 
@@ -134,6 +143,9 @@ class FirstLayerMap:
 
     first: LayerMap
     rest: Composite
+
+    def __repr__(self) -> str:
+        return _label_of(self) or f"first_layer_map([{_count(self.first.entries)}], {self.rest!r})"
 
     def resolver(self) -> Callable[[CallSite], Rule | None] | None:
         rest = resolver_of(self.rest)
@@ -172,6 +184,9 @@ class Mixed:
     """The first composite that assigns a site a rule wins."""
 
     composites: tuple[Composite, ...]
+
+    def __repr__(self) -> str:
+        return _label_of(self) or f"mixed([{', '.join(repr(composite) for composite in self.composites)}])"
 
     def resolver(self) -> Callable[[CallSite], Rule | None] | None:
         parts = [resolver_of(composite) for composite in self.composites]
@@ -294,6 +309,82 @@ def _lrp(
     return FirstLayerMap(LayerMap(_entries("composite", list(first_entries or [])) + tuple(first)), rest)
 
 
+def _label_of(composite: object) -> str | None:
+    """How a named composite was built (``epsilon_plus(epsilon=1e-06, stabilizer=1e-06)``), if it is one."""
+    return composite.__dict__.get("_label")
+
+
+def _count(entries: Sequence[object]) -> str:
+    return f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}"
+
+
+def _argument(value: object) -> str:
+    """A short text of a composite's argument: lists by their length, tensors by their shape, functions by name."""
+    if isinstance(value, Tensor):
+        return f"{value.item()!r}" if value.numel() == 1 else f"tensor{tuple(value.shape)}"
+    if isinstance(value, (list, tuple)) and not all(isinstance(item, str) for item in value):
+        return f"[{_count(value)}]"
+    if callable(value) and not hasattr(value, "__dataclass_fields__"):
+        return getattr(value, "__name__", type(value).__name__)
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _labelled(make: Callable[..., Composite]) -> Callable[..., Composite]:
+    """``make`` whose composites print as the call that built them (their classes' reprs would list every entry),
+    without the arguments left at ``None``."""
+    signature = inspect.signature(make)
+
+    @functools.wraps(make)
+    def build(*args: Any, **kwargs: Any) -> Composite:
+        composite = make(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        shown = ", ".join(f"{name}={_argument(value)}" for name, value in bound.arguments.items() if value is not None)
+        object.__setattr__(composite, "_label", f"{make.__name__}({shown})")  # not a field: equality ignores it
+        return composite
+
+    return build
+
+
+@_labelled
+def epsilon(
+    epsilon: StabilizerLike = 1e-6,
+    *,
+    stabilizer: StabilizerLike = 1e-6,
+    zero_params: ZeroParams = None,
+    layer_map: Entries | None = None,
+    first_map: Entries | None = None,
+) -> Composite:
+    """Epsilon-LRP on every linear layer (Bach et al. 2015): the "epsilon everywhere" of the README's tables.
+
+    Definition:
+        Every call of the linear class, dense or convolutional, module or operation (``nn.Linear``, ``nn.Conv2d``,
+        ``nn.ConvTranspose2d``, ``F.linear``, ``F.conv2d``, ``x @ w``, HuggingFace ``Conv1D``), gets
+        :func:`~lrpfunc.rules.epsilon`: with ``z_j = sum_i x_i w_ji + b_j``,
+
+        ``R_i = sum_j x_i w_ji R_j / (z_j + epsilon * sign(z_j))`` (``sign(0) = 1``).
+
+        Every other call gets what all LRP composites share (:func:`layer_map_base`: activations pass, sums and
+        average pools the sum rule, normalisations their rule, ...); what no entry matches (max pooling, data
+        movement) keeps the true gradient. With ``epsilon=0`` on a ReLU network without biases this is the
+        gradient times the input. Entries of ``layer_map`` come first; ``first_map`` entries go to the first site
+        in execution order that they match. ``stabilizer`` is the one of the shared entries.
+
+    Example:
+        >>> import torch
+        >>> from lrpfunc import composites
+        >>> composites.epsilon(0.01)
+        epsilon(epsilon=0.01, stabilizer=1e-06)
+
+    References:
+        Bach et al. (2015), On pixel-wise explanations for non-linear classifier decisions by layer-wise relevance
+        propagation, PLoS ONE.
+    """
+    return _lrp(layer_map, first_map, [(_LINEAR, _rules.epsilon(epsilon, zero_params))], None, stabilizer, zero_params)
+
+
+@_labelled
 def epsilon_plus(
     *,
     epsilon: StabilizerLike = 1e-6,
@@ -308,6 +399,7 @@ def epsilon_plus(
     ], None, stabilizer, zero_params)
 
 
+@_labelled
 def epsilon_plus_flat(
     *,
     epsilon: StabilizerLike = 1e-6,
@@ -323,6 +415,7 @@ def epsilon_plus_flat(
     ], [(_LINEAR, _rules.flat(stabilizer, zero_params))], stabilizer, zero_params)
 
 
+@_labelled
 def epsilon_alpha2_beta1(
     *,
     epsilon: StabilizerLike = 1e-6,
@@ -337,6 +430,7 @@ def epsilon_alpha2_beta1(
     ], None, stabilizer, zero_params)
 
 
+@_labelled
 def epsilon_alpha2_beta1_flat(
     *,
     epsilon: StabilizerLike = 1e-6,
@@ -352,6 +446,7 @@ def epsilon_alpha2_beta1_flat(
     ], [(_LINEAR, _rules.flat(stabilizer, zero_params))], stabilizer, zero_params)
 
 
+@_labelled
 def epsilon_gamma_box(
     low: float | Tensor,
     high: float | Tensor,
@@ -371,22 +466,26 @@ def epsilon_gamma_box(
     ], [(_CONVOLUTION, _rules.zbox(low, high, stabilizer, zero_params))], stabilizer, zero_params)
 
 
+@_labelled
 def guided_backprop(*, layer_map: Entries | None = None) -> Composite:
     """Guided Backpropagation on every ReLU, module or function (Zennit's ``GuidedBackprop``)."""
     return LayerMap(_entries("guided_backprop", list(layer_map or [])) + ((_types.ReLU, _rules.relu_guided_backprop()),))
 
 
+@_labelled
 def deconvnet(*, layer_map: Entries | None = None) -> Composite:
     """DeconvNet on every ReLU, module or function (Zennit's ``DeconvNet``)."""
     return LayerMap(_entries("deconvnet", list(layer_map or [])) + ((_types.ReLU, _rules.relu_deconvnet()),))
 
 
+@_labelled
 def beta_smooth(beta_smooth: float = 10.0, *, layer_map: Entries | None = None) -> Composite:
     """ReLU gradients replaced by softplus(beta_smooth) gradients, for ReLU modules and functions (Zennit's
     ``BetaSmooth``)."""
     return LayerMap(_entries("beta_smooth", list(layer_map or [])) + ((_types.ReLU, _rules.relu_beta_smooth(beta_smooth)),))
 
 
+@_labelled
 def excitation_backprop(
     *, stabilizer: StabilizerLike = 1e-6, zero_params: ZeroParams = None, layer_map: Entries | None = None
 ) -> Composite:
@@ -406,6 +505,7 @@ def excitation_backprop(
     )
 
 
+@_labelled
 def attnlrp(
     *,
     epsilon: StabilizerLike = 0.0,
@@ -438,6 +538,7 @@ def attnlrp(
     return _lrp(layer_map, first_map, [(_LINEAR, _rules.epsilon(epsilon, zero_params))], None, stabilizer, zero_params)
 
 
+@_labelled
 def cp_lrp(
     *,
     epsilon: StabilizerLike = 0.0,

@@ -8,13 +8,15 @@ from __future__ import annotations
 import math
 import os
 from functools import lru_cache
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ['COLORMAPS', 'colormap', 'heatmap', 'heatmap_grid', 'save_heatmap', 'save_heatmap_grid']
+__all__ = ['COLORMAPS', 'colormap', 'colorbar', 'heatmap', 'heatmap_grid', 'labelled_grid', 'save_heatmap',
+           'save_heatmap_grid']
 
 # Zennit's ``CMAPS`` sources: comma-separated hex colours (``rgb`` or ``rrggbb``), each optionally
 # prefixed by a hex palette index and ``:`` (``d`` means ``dd``). Colours without an index are spread
@@ -211,7 +213,10 @@ def heatmap(relevance: torch.Tensor, *, cmap: str = 'bwr', symmetric: bool = Tru
 
 def heatmap_grid(relevance: torch.Tensor, *, ncols: int | None = None, padding: int = 2,
                  shared_scale: bool = False, cmap: str = 'bwr', symmetric: bool = True, level: float = 1.0,
-                 vmin: float | None = None, vmax: float | None = None) -> Image.Image:
+                 vmin: float | None = None, vmax: float | None = None, titles: Sequence[str] | None = None,
+                 row_labels: Sequence[str] | None = None, colorbar: bool = False,
+                 colorbar_labels: Sequence[str] | None = None, cell_size: int | None = None,
+                 font_size: int | None = None) -> Image.Image:
     """Render a batch of relevance maps as a grid of heatmaps, filled row by row.
 
     Args:
@@ -222,17 +227,23 @@ def heatmap_grid(relevance: torch.Tensor, *, ncols: int | None = None, padding: 
             is ``ncols * W + (ncols - 1) * padding`` pixels wide. Empty cells are white too.
         shared_scale: If False every map is normalised on its own, if True all jointly.
         cmap, symmetric, level, vmin, vmax: As for :func:`heatmap`.
+        titles, row_labels, colorbar, colorbar_labels, cell_size, font_size: As for :func:`labelled_grid`
+            (one title per column, one label per row; ``colorbar=True`` shows ``cmap`` at ``level``). With
+            none of them the grid is the bare cells; ``colorbar_labels`` default to ``positive``, ``0``,
+            ``negative`` when ``symmetric``, else ``max``, ``min``.
 
     Returns:
         An RGB ``PIL.Image.Image``.
 
     Raises:
         TypeError: As :func:`heatmap`, or if ``ncols``/``padding`` is not an int.
-        ValueError: As :func:`heatmap`, or if ``ncols < 1`` or ``padding < 0``.
+        ValueError: As :func:`heatmap`, or if ``ncols < 1`` or ``padding < 0``, or as :func:`labelled_grid`.
 
     Example:
         >>> heatmap_grid(torch.randn(5, 3, 8, 8), padding=1).size  # 2 columns, 3 rows
         (17, 26)
+        >>> heatmap_grid(torch.randn(2, 8, 8), ncols=2, titles=['a', 'b'], colorbar=True).width > 18
+        True
     """
     palette = _checked_palette('heatmap_grid', cmap, level)
     maps = _as_maps('heatmap_grid', relevance, batched=True)
@@ -243,12 +254,221 @@ def heatmap_grid(relevance: torch.Tensor, *, ncols: int | None = None, padding: 
     _number('heatmap_grid', 'padding', padding, integer=True, minimum=0)
     nrows = -(-count // ncols)
     indices = _indices('heatmap_grid', maps, symmetric, vmin, vmax, joint=shared_scale)
+    if titles is not None or row_labels is not None or colorbar or cell_size is not None:
+        cells = [_render(index, palette) for index in indices]
+        rows = [cells[start:start + ncols] for start in range(0, count, ncols)]
+        labels = colorbar_labels if colorbar_labels is not None else (
+            ('positive', '0', 'negative') if symmetric else ('max', 'min'))
+        return _labelled_grid('heatmap_grid', rows, titles=titles, row_labels=row_labels,
+                              colorbar=cmap if colorbar else None, colorbar_labels=labels, level=level,
+                              cell_size=cell_size, padding=padding, font_size=font_size)
     size = (ncols * width + (ncols - 1) * padding, nrows * height + (nrows - 1) * padding)
     grid = Image.new('RGB', size, (255, 255, 255))
     for number, index in enumerate(indices):
         row, col = divmod(number, ncols)
         grid.paste(_render(index, palette), (col * (width + padding), row * (height + padding)))
     return grid
+
+
+def _font(size: int) -> Any:
+    """Pillow's built-in font at ``size`` pixels (a scalable one from Pillow 10.1, else the fixed bitmap font)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def _text_size(text: str, font: Any) -> tuple[int, int]:
+    """Width and height of ``text`` (lines split at newlines) in ``font``."""
+    if not text:
+        return 0, 0
+    left, top, right, bottom = ImageDraw.Draw(Image.new('RGB', (1, 1))).multiline_textbbox(
+        (0, 0), text, font=font, spacing=2)
+    return right - min(left, 0), bottom - min(top, 0)
+
+
+def _wrap(text: str, font: Any, width: int) -> str:
+    """``text`` with line breaks between words so that each line fits ``width`` pixels where it can."""
+    lines: list[str] = []
+    for paragraph in text.split('\n'):
+        line = ''
+        for word in paragraph.split(' '):
+            for piece, joint in _pieces(word, font, width):
+                candidate = f'{line}{joint}{piece}' if line else piece
+                if line and _text_size(candidate, font)[0] > width:
+                    lines.append(line)
+                    line = piece
+                else:
+                    line = candidate
+        lines.append(line)
+    return '\n'.join(lines)
+
+
+def _pieces(word: str, font: Any, width: int) -> list[tuple[str, str]]:
+    """A word as (piece, what joins it to the previous one): whole, or after its underscores if it is too wide."""
+    if _text_size(word, font)[0] <= width or '_' not in word.strip('_'):
+        return [(word, ' ')]
+    parts = word.split('_')
+    return [(part + ('_' if number < len(parts) - 1 else ''), ' ' if number == 0 else '')
+            for number, part in enumerate(parts)]
+
+
+def _texts(func: str, label: str, values: Sequence[str] | None, count: int | None) -> list[str] | None:
+    if values is None:
+        return None
+    if isinstance(values, str) or not all(isinstance(value, str) for value in values):
+        raise TypeError(f'{func}: {label} must be a sequence of str, got {values!r}')
+    if count is not None and len(values) != count:
+        raise ValueError(f'{func}: expected {count} {label} (one per {label[:-1].split("_")[0]}), '
+                         f'got {len(values)}: {list(values)!r}')
+    return list(values)
+
+
+def colorbar(cmap: str = 'bwr', *, level: float = 1.0, height: int = 256, width: int = 16,
+             labels: Sequence[str] = ('positive', '0', 'negative'), font_size: int = 14) -> Image.Image:
+    """A vertical colour bar of a colour map, its last colour at the top, with labels beside it.
+
+    Args:
+        cmap: Colour-map name, one of :data:`COLORMAPS`.
+        level: Contrast level of the palette (see :func:`colormap`), as used for the heatmaps.
+        height: Height of the bar in pixels (>= 2).
+        width: Width of the bar in pixels (>= 1).
+        labels: Texts from top to bottom, spread evenly along the bar (the first at the top, the last at the
+            bottom); for the symmetric heatmaps of :func:`heatmap` the top is the largest positive value, the
+            middle zero and the bottom the most negative value.
+        font_size: Text height in pixels.
+
+    Returns:
+        An RGB ``PIL.Image.Image``, white around the bar.
+
+    Example:
+        >>> bar = colorbar('bwr', height=64, labels=())  # no labels: the bar alone, 16 x 64 pixels
+        >>> bar.getpixel((8, 0)), bar.getpixel((8, 63))  # red at the top, blue at the bottom
+        ((255, 0, 0), (0, 0, 255))
+    """
+    palette = _checked_palette('colorbar', cmap, level)
+    _number('colorbar', 'height', height, integer=True, minimum=2)
+    _number('colorbar', 'width', width, integer=True, minimum=1)
+    _number('colorbar', 'font_size', font_size, integer=True, minimum=1)
+    texts = _texts('colorbar', 'labels', labels, None) or []
+    return _colorbar(palette, height, width, texts, _font(font_size))
+
+
+def _colorbar(palette: torch.Tensor, height: int, width: int, labels: Sequence[str], font: Any) -> Image.Image:
+    """The bar (top: palette entry 255) with a tick and a label per entry of ``labels``."""
+    steps = torch.linspace(255, 0, height).round().to(torch.uint8)
+    bar = _render(steps[:, None].expand(height, width).contiguous(), palette)
+    tick, gap = (max(3, width // 3), max(2, width // 4)) if labels else (0, 0)
+    label_width = max((_text_size(text, font)[0] for text in labels), default=0)
+    label_height = max((_text_size(text, font)[1] for text in labels), default=0)
+    pad = label_height // 2 + 1 if labels else 0  # room for the first and last label to centre on the ends
+    image = Image.new('RGB', (width + tick + gap + label_width, height + 2 * pad), (255, 255, 255))
+    image.paste(bar, (0, pad))
+    draw = ImageDraw.Draw(image)
+    for number, text in enumerate(labels):
+        y = pad + round(number * (height - 1) / max(len(labels) - 1, 1))
+        draw.line([(width, y), (width + tick - 1, y)], fill=(0, 0, 0))
+        text_height = _text_size(text, font)[1]
+        draw.multiline_text((width + tick + gap, y - text_height // 2), text, fill=(0, 0, 0), font=font, spacing=2)
+    return image
+
+
+def labelled_grid(rows: Sequence[Sequence[Image.Image]], *, titles: Sequence[str] | None = None,
+                  row_labels: Sequence[str] | None = None, colorbar: str | None = None,
+                  colorbar_labels: Sequence[str] = ('positive', '0', 'negative'), level: float = 1.0,
+                  cell_size: int | tuple[int, int] | None = None, padding: int = 2,
+                  font_size: int | None = None) -> Image.Image:
+    """Pictures in a grid with column titles, row labels and a colour bar: a figure that reads on its own.
+
+    Args:
+        rows: Rows of pictures (inputs, :func:`heatmap` s, anything Pillow opens); a row may be shorter than the
+            longest, its last cells stay white.
+        titles: One title per column, written above it (wrapped at spaces to the column's width).
+        row_labels: One label per row, written left of it.
+        colorbar: A colour-map name: its bar is drawn right of the grid, as tall as the grid, its last colour
+            at the top (for :func:`heatmap` with ``cmap='bwr'``: red, the largest positive relevance).
+        colorbar_labels: Texts along the bar from top to bottom (see :func:`colorbar`).
+        level: Contrast level of the colour bar's palette, as for the heatmaps.
+        cell_size: Every picture resized (nearest neighbour) to this size, an int for squares or
+            ``(width, height)``; by default the size of the first picture.
+        padding: White pixels between neighbouring cells.
+        font_size: Text height in pixels; by default a ninth of the cell height, at least 10.
+
+    Returns:
+        An RGB ``PIL.Image.Image`` on white.
+
+    Raises:
+        TypeError: If a cell is not a ``PIL.Image.Image``, or titles/labels are not sequences of str.
+        ValueError: If there are no pictures, titles or labels do not match the columns or rows, an unknown
+            colour map, or a size below 1.
+
+    Example:
+        >>> cells = [[heatmap(torch.randn(8, 8)), heatmap(torch.randn(8, 8))]]
+        >>> figure = labelled_grid(cells, titles=['first', 'second'], row_labels=['x'], colorbar='bwr',
+        ...                        cell_size=64)
+        >>> figure.width > 2 * 64 and figure.height > 64
+        True
+    """
+    return _labelled_grid('labelled_grid', rows, titles=titles, row_labels=row_labels, colorbar=colorbar,
+                          colorbar_labels=colorbar_labels, level=level, cell_size=cell_size, padding=padding,
+                          font_size=font_size)
+
+
+def _labelled_grid(func: str, rows: Sequence[Sequence[Image.Image]], *, titles: Sequence[str] | None,
+                   row_labels: Sequence[str] | None, colorbar: str | None, colorbar_labels: Sequence[str],
+                   level: float, cell_size: int | tuple[int, int] | None, padding: int,
+                   font_size: int | None) -> Image.Image:
+    rows = [list(row) for row in rows]
+    cells = [cell for row in rows for cell in row]
+    if not cells:
+        raise ValueError(f'{func}: expected at least one picture, got {len(rows)} empty row(s)')
+    for cell in cells:
+        if not isinstance(cell, Image.Image):
+            raise TypeError(f'{func}: every cell must be a PIL.Image.Image, got {type(cell).__name__}')
+    ncols, nrows = max(len(row) for row in rows), len(rows)
+    titles = _texts(func, 'titles', titles, ncols)
+    row_labels = _texts(func, 'row_labels', row_labels, nrows)
+    _number(func, 'padding', padding, integer=True, minimum=0)
+    width, height = (cell_size, cell_size) if isinstance(cell_size, int) else (cell_size or cells[0].size)
+    _number(func, 'cell width', width, integer=True, minimum=1)
+    _number(func, 'cell height', height, integer=True, minimum=1)
+    size = max(10, height // 9) if font_size is None else _number(func, 'font_size', font_size, integer=True,
+                                                                   minimum=1)
+    font, margin = _font(size), max(2, size // 2)
+    bar = None
+    if colorbar is not None:
+        palette = _checked_palette(func, colorbar, level)
+        bar_height = nrows * height + (nrows - 1) * padding
+        bar = _colorbar(palette, bar_height, max(8, size), _texts(func, 'colorbar_labels', colorbar_labels, None)
+                        or [], font)
+
+    wrapped = [_wrap(title, font, width) for title in titles] if titles else []
+    top = max((_text_size(text, font)[1] for text in wrapped), default=0) + 2 * margin if titles else 0
+    left = max((_text_size(text, font)[0] for text in row_labels), default=0) + 2 * margin if row_labels else 0
+    grid_width, grid_height = ncols * width + (ncols - 1) * padding, nrows * height + (nrows - 1) * padding
+    bar_pad = (bar.height - grid_height) // 2 if bar is not None else 0
+    total_width = left + grid_width + (2 * margin + bar.width + margin if bar is not None else 0)
+    total_height = top + grid_height + max(bar_pad, 0) + (margin if titles or bar is not None else 0)
+    figure = Image.new('RGB', (total_width, total_height), (255, 255, 255))
+    draw = ImageDraw.Draw(figure)
+    for r, row in enumerate(rows):
+        for c, cell in enumerate(row):
+            picture = cell.convert('RGB')
+            picture = picture if picture.size == (width, height) else picture.resize((width, height), Image.NEAREST)
+            figure.paste(picture, (left + c * (width + padding), top + r * (height + padding)))
+    for c, text in enumerate(wrapped):
+        text_width, text_height = _text_size(text, font)
+        x = left + c * (width + padding) + (width - text_width) // 2
+        draw.multiline_text((x, top - margin - text_height), text, fill=(0, 0, 0), font=font, spacing=2,
+                            align='center')
+    for r, text in enumerate(row_labels or []):
+        text_width, text_height = _text_size(text, font)
+        y = top + r * (height + padding) + (height - text_height) // 2
+        draw.multiline_text((left - margin - text_width, y), text, fill=(0, 0, 0), font=font, spacing=2,
+                            align='right')
+    if bar is not None:
+        figure.paste(bar, (left + grid_width + 2 * margin, top - bar_pad))
+    return figure
 
 
 def _save_png(image: Image.Image, path: str | os.PathLike[str]) -> Path:

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from lrpfunc.image import COLORMAPS, colormap, heatmap, heatmap_grid, save_heatmap, save_heatmap_grid
+from lrpfunc.image import (COLORMAPS, colorbar, colormap, heatmap, heatmap_grid, labelled_grid, save_heatmap,
+                           save_heatmap_grid)
 
 # Zennit 0.5.1 CMAPS sources (zennit/image.py), the reference these tests pin against.
 ZENNIT_SOURCES = {
@@ -313,3 +314,79 @@ def test_property_valid_rgb_image_or_clear_error(relevance, cmap, symmetric, lev
     assert image.mode == 'RGB' and image.size == (relevance.shape[-1], relevance.shape[-2])
     palette = {tuple(c) for c in colormap(cmap, level=level).tolist()}
     assert set(pixels(image)) <= palette
+
+
+# --- figures that read on their own: column titles, row labels, a colour bar -------------------------------------
+
+def _dark(image: Image.Image, box: tuple[int, int, int, int]) -> int:
+    """How many pixels in ``box`` are dark (text)."""
+    region = image.crop(box).convert('L')
+    return sum(1 for value in region.tobytes() if value < 128)
+
+
+def test_labelled_heatmap_grid_keeps_the_cells_and_adds_text_around_them():
+    relevance = torch.randn(4, 8, 8, dtype=torch.float64)
+    bare = heatmap_grid(relevance, ncols=2, padding=2)
+    figure = heatmap_grid(relevance, ncols=2, padding=2, titles=['first', 'second'], row_labels=['one', 'two'])
+    assert figure.width > bare.width and figure.height > bare.height
+    # the cells sit at the bottom right of the text bands, unchanged
+    left = figure.width - bare.width
+    top = next(y for y in range(figure.height) if figure.getpixel((left, y)) == bare.getpixel((0, 0))
+               and figure.crop((left, y, left + bare.width, y + bare.height)).tobytes() == bare.tobytes())
+    assert top > 0
+    assert _dark(figure, (left, 0, figure.width, top)) > 10  # titles above
+    assert _dark(figure, (0, top, left, figure.height)) > 10  # labels on the left
+
+
+def test_labelled_grid_without_text_is_the_cells_resized():
+    cells = [[heatmap(torch.tensor([[-1.0, 1.0]]))]]
+    figure = labelled_grid(cells, cell_size=(4, 2))
+    assert figure.size == (4, 2)
+    assert figure.getpixel((0, 0)) == BLUE and figure.getpixel((3, 1)) == RED
+
+
+def test_colorbar_is_red_at_the_top_and_blue_at_the_bottom_with_labels():
+    bar = colorbar('bwr', height=100, width=10, labels=('positive', '0', 'negative'))
+    column = [bar.getpixel((5, y)) for y in range(bar.height)]
+    reds, blues = [y for y, p in enumerate(column) if p == RED], [y for y, p in enumerate(column) if p == BLUE]
+    assert reds and blues and max(reds) < min(blues)
+    assert bar.width > 10 + 20 and _dark(bar, (12, 0, bar.width, bar.height)) > 10  # the labels
+    assert colorbar('bwr', height=7, labels=()).size == (16, 7)
+
+
+def test_heatmap_grid_colorbar_sits_right_of_the_cells():
+    relevance = torch.randn(2, 16, 16, dtype=torch.float64)
+    figure = heatmap_grid(relevance, ncols=2, colorbar=True, font_size=10)
+    plain = heatmap_grid(relevance, ncols=2)
+    assert figure.width > plain.width + 20
+    right = figure.crop((plain.width, 0, figure.width, figure.height))
+    data = right.tobytes()
+    colours = {tuple(data[i:i + 3]) for i in range(0, len(data), 3)}
+    assert RED in colours and BLUE in colours
+
+
+def test_titles_wrap_within_their_column():
+    figure = labelled_grid([[heatmap(torch.randn(8, 8))]], titles=['a very long title for a narrow column'],
+                           cell_size=64, font_size=10)
+    assert figure.width == 64  # wrapped, not widened
+    assert figure.height > 64 + 3 * 10  # over several lines
+
+
+@pytest.mark.parametrize('kwargs, error, message', [
+    ({'titles': ['only one']}, ValueError, r"labelled_grid: expected 2 titles \(one per title\)"),
+    ({'row_labels': ['a', 'b']}, ValueError, r"labelled_grid: expected 1 row_labels \(one per row\)"),
+    ({'titles': 'ab'}, TypeError, r"labelled_grid: titles must be a sequence of str"),
+    ({'colorbar': 'nope'}, ValueError, r"labelled_grid: unknown colour map 'nope'"),
+    ({'cell_size': 0}, ValueError, r"labelled_grid: cell width must be an int >= 1"),
+])
+def test_labelled_grid_errors(kwargs, error, message):
+    cells = [[heatmap(torch.randn(4, 4)), heatmap(torch.randn(4, 4))]]
+    with pytest.raises(error, match=message):
+        labelled_grid(cells, **kwargs)
+
+
+def test_labelled_grid_refuses_what_is_no_picture():
+    with pytest.raises(TypeError, match=r"labelled_grid: every cell must be a PIL.Image.Image, got Tensor"):
+        labelled_grid([[torch.zeros(4, 4)]])
+    with pytest.raises(ValueError, match=r"labelled_grid: expected at least one picture"):
+        labelled_grid([[]])
