@@ -50,7 +50,15 @@ _state = threading.local()
 _patch_lock = threading.Lock()
 _patch_users = 0
 _MODULE_CALL = torch.nn.Module.__call__
-_FUNCTION_APPLY = torch.autograd.Function.apply.__func__  # type: ignore[attr-defined]
+#: ``torch.autograd.Function.apply`` as torch defines it: a Python classmethod up to torch 2.13, a classmethod of the C
+#: base class from 2.14 on. Called through the descriptor protocol and restored as found, so both work.
+_APPLY_OWNED = "apply" in torch.autograd.Function.__dict__
+_APPLY_DESCRIPTOR = inspect.getattr_static(torch.autograd.Function, "apply")
+
+
+def _FUNCTION_APPLY(cls: type, *args: Any, **kwargs: Any) -> Any:
+    """The original ``cls.apply(*args, **kwargs)``."""
+    return _APPLY_DESCRIPTOR.__get__(None, cls)(*args, **kwargs)
 
 
 def _current() -> Tracer | None:
@@ -117,7 +125,10 @@ def _patches() -> Iterator[None]:
             _patch_users -= 1
             if _patch_users == 0:
                 torch.nn.Module.__call__ = _MODULE_CALL  # type: ignore[method-assign]
-                torch.autograd.Function.apply = classmethod(_FUNCTION_APPLY)  # type: ignore[method-assign,assignment]
+                if _APPLY_OWNED:
+                    torch.autograd.Function.apply = _APPLY_DESCRIPTOR  # type: ignore[method-assign]
+                else:
+                    del torch.autograd.Function.apply
 
 
 # ------------------------------------------------------------------------------------------------------------

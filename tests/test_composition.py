@@ -19,8 +19,10 @@ from models import TinyResNet, cnn, mlp, randomize_batchnorms
 
 with warnings.catch_warnings():
     # torch scripts its forward-mode decompositions when jacfwd/jvp is first used and warns that
-    # torch.jit.script is deprecated (a torch-internal warning; pytest turns warnings into errors)
+    # torch.jit.script is deprecated (a torch-internal warning, a DeprecationWarning up to torch 2.13 and a
+    # FutureWarning from 2.14 on; pytest turns warnings into errors)
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
     import torch._decomp.decompositions_for_jvp  # noqa: F401
 
 D = torch.float64

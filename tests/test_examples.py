@@ -120,6 +120,7 @@ def test_adversarial_explanation(tmp_path: Path) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch's jacfwd set-up
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # the same warning on torch 2.14
 def test_per_sample_and_all_classes_default_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     result = _load("per_sample_and_all_classes").main([], fast=True)  # the default output folder
