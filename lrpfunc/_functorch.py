@@ -4,7 +4,7 @@
 later calls :func:`torch.autograd.grad` on the wrapped tensors after the level is closed; the result is an
 ordinary differentiable function of the caller's tensors. The level tape (:mod:`lrpfunc._tape`) does the same
 once for a whole forward pass instead of once per operation, which needs the building blocks that
-``torch.func.vjp`` uses internally. They live here and nowhere else; ``tests/test_functorch_door.py`` pins
+``torch.func.vjp`` uses internally. They live here and nowhere else; ``tests/test_tapes.py`` pins
 their behaviour, and when they are missing (:data:`AVAILABLE` is false) the engine falls back to the public
 per-operation :func:`torch.func.vjp`.
 """
@@ -45,6 +45,36 @@ try:
     AVAILABLE = True
 except (ImportError, AttributeError):  # pragma: no cover - exercised only on a torch without these APIs
     AVAILABLE = False
+
+
+def _works() -> bool:
+    """Whether the building blocks behave as the level tape needs: a tensor wrapped at a fresh level, made
+    differentiable and squared, unwraps to the caller's tensor inside the level and gives a plain ``2 x`` by
+    :func:`torch.autograd.grad` after the level is closed. A torch whose private APIs changed behaviour fails this
+    once, at import, and the engine takes the public path."""
+    x = torch.tensor([1.5, -2.0])
+    try:
+        level = _grad_increment_nesting()
+        try:
+            with torch.enable_grad():
+                inner = _wrap_for_grad(x, level)
+                set_inplace_requires_grad_allowed(True)
+                try:
+                    inner.requires_grad_()
+                finally:
+                    set_inplace_requires_grad_allowed(False)
+                square = (inner * inner).sum()
+                unwraps = _unwrap_for_grad(inner, level) is x
+        finally:
+            _grad_decrement_nesting()
+        (grad,) = torch.autograd.grad(square, inner)
+        return unwraps and maybe_get_level(grad) < 0 and torch.equal(grad, 2 * x)
+    except Exception:  # noqa: BLE001 - any failure means the private path cannot be trusted
+        return False
+
+
+if AVAILABLE:
+    AVAILABLE = _works()
 
 
 def transforms_active() -> bool:
