@@ -216,7 +216,7 @@ def run_trace(
             ]
             inputs = [tracer.tensors[vid] if vid is not None else leaf for vid, leaf in zip(input_ids, leaves)]
             with tracing(tracer):
-                output = call_model(setup.model, optree.tree_unflatten(spec, inputs))
+                output = call_model(setup.model, optree.tree_unflatten(spec, inputs), setup.info)
             trace = tracer.finish(input_ids, output)
         except Retry as retry:
             if retry.kind == "merge":
@@ -253,7 +253,7 @@ def _plain(setup: Setup, params: Mapping[str, Tensor], x: Any, grad_output: Any,
             for index in floats:
                 leaves[index] = leaves[index].detach().requires_grad_()
             with Substitution(setup.info, params, replace, detach=True):
-                output = call_model(setup.model, optree.tree_unflatten(spec, leaves))
+                output = call_model(setup.model, optree.tree_unflatten(spec, leaves), setup.info)
         _check_tensors(where, "the model's output", output)
         grad_leaves = check_grad_output(where, output, grad_output)
         output_leaves = optree.tree_leaves(output, none_is_leaf=True)
@@ -275,7 +275,7 @@ def _plain(setup: Setup, params: Mapping[str, Tensor], x: Any, grad_output: Any,
         for index, value in zip(floats, values):
             current[index] = value
         with Substitution(setup.info, params, replace):
-            result = call_model(setup.model, optree.tree_unflatten(spec, current))
+            result = call_model(setup.model, optree.tree_unflatten(spec, current), setup.info)
         _check_tensors(where, "the model's output", result)
         result_leaves, result_spec = optree.tree_flatten(result, none_is_leaf=True)
         shape[:] = [result_spec, [isinstance(leaf, Tensor) and _is_float(leaf) for leaf in result_leaves]]

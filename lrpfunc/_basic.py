@@ -328,16 +328,29 @@ class BasicRule:
         p_k = param_mod.apply(call, self.name)
         if call.linear and not hold:
             # one linear operation: its modified forward and that forward's pullback in closed form
-            (raw,) = call.forward(x_k, p_k)
             if with_params:
-                (raw,), pull_both = torch.func.vjp(lambda xs, ps: call.forward(xs, ps), x_k, p_k)
-                return x_k, p_k, raw, lambda g: pull_both((g,))
+                return (x_k, p_k, *_with_param_pullback(lambda xs, ps: call.forward(xs, ps), x_k, p_k))
+            (raw,) = call.forward(x_k, p_k)
             return x_k, p_k, raw, lambda g: ((call.transpose(g, p_k),), {})
         if with_params:
-            (raw,), pull_both = torch.func.vjp(lambda xs, ps: call.forward(xs, ps, hold_statistics=hold), x_k, p_k)
-            return x_k, p_k, raw, lambda g: pull_both((g,))
+            return (x_k, p_k, *_with_param_pullback(
+                lambda xs, ps: call.forward(xs, ps, hold_statistics=hold), x_k, p_k
+            ))
         (raw,), pull_x = torch.func.vjp(lambda *xs: call.forward(xs, p_k, hold_statistics=hold), *x_k)
         return x_k, p_k, raw, lambda g: (pull_x((g,)), {})
+
+
+def _with_param_pullback(
+    forward: Callable[[tuple[Tensor, ...], Mapping[str, Tensor]], tuple[Tensor, ...]],
+    inputs: tuple[Tensor, ...],
+    params: Mapping[str, Tensor],
+) -> tuple[Tensor, Callable[[Tensor], tuple[tuple[Tensor, ...], dict[str, Tensor]]]]:
+    """The modified output and its pullback to the inputs and to the floating-point parameters (an integer operand,
+    such as a step counter added to a layer's output, has no relevance)."""
+    floats = {name: value for name, value in params.items() if value.is_floating_point() or value.is_complex()}
+    others = {name: value for name, value in params.items() if name not in floats}
+    (raw,), pull = torch.func.vjp(lambda xs, ps: forward(xs, {**others, **ps}), inputs, floats)
+    return raw, lambda g: pull((g,))
 
 
 def _no_term(gamma: Tensor) -> tuple[tuple[Tensor, ...], dict[str, Tensor]]:

@@ -559,6 +559,27 @@ class ModelInfo:
         self.ids = set(names_of)
         self.foreign: set[int] = set() if foreign is None else foreign
         self._module_params: dict[int, list[tuple[str, Tensor]]] = {}
+        #: Every module's parameter and buffer tables (``_parameters``, ``_buffers``), which a forward can rebind
+        #: (``self.count += 1`` assigns a new tensor to the buffer): :meth:`preserved` puts them back.
+        self.tables: list[dict[str, Any]] = []
+        for module in model.modules():
+            self.tables.append(module._parameters)
+            self.tables.append(module._buffers)
+
+    @contextmanager
+    def preserved(self) -> Iterator[None]:
+        """Run a forward pass that leaves the model as it found it: a parameter or buffer that the forward rebinds
+        (``self.count += 1``, ``self.stat = self.stat * 0.9 + ...``) is seen rebound for the rest of the call, as in
+        eager torch, and bound to its own tensor again afterwards, also when the call raises (``functional_call``
+        semantics). In-place writes never reach the model's tensors: the tracer runs them out of place."""
+        saved = [(table, list(table.items())) for table in self.tables]
+        try:
+            yield
+        finally:
+            for table, items in saved:
+                if len(table) != len(items) or any(table.get(key) is not value for key, value in items):
+                    table.clear()
+                    table.update(items)
 
     def module_params(self, module: torch.nn.Module) -> list[tuple[str, Tensor]]:
         """``module.named_parameters()``, read once per module."""
@@ -688,19 +709,22 @@ def _stale_message(op: str, where: str) -> str:
     )
 
 
-def call_model(model: torch.nn.Module, x: Any) -> Any:
-    """Call ``model`` with ``x``: a tuple is spread over positional arguments, a dict over keywords."""
-    if isinstance(x, tuple):
-        return model(*x)
-    if isinstance(x, dict):
-        return model(**x)
-    return model(x)
+def call_model(model: torch.nn.Module, x: Any, info: ModelInfo) -> Any:
+    """Call ``model`` with ``x`` (a tuple is spread over positional arguments, a dict over keywords), leaving its
+    parameter and buffer bindings as they were (:meth:`ModelInfo.preserved`)."""
+    with info.preserved():
+        if isinstance(x, tuple):
+            return model(*x)
+        if isinstance(x, dict):
+            return model(**x)
+        return model(x)
 
 
 def evaluate(model: torch.nn.Module, params: Mapping[str, Tensor], x: Any, info: ModelInfo | None = None) -> Any:
     """``model(x)`` with ``params``; thread-safe, never touches the module."""
-    with Substitution(info or ModelInfo(model), params):
-        return call_model(model, x)
+    info = info or ModelInfo(model)
+    with Substitution(info, params):
+        return call_model(model, x, info)
 
 
 Resolver = Callable[[CallSite], Any]

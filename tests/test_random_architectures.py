@@ -157,7 +157,7 @@ def _scale(*tensors: torch.Tensor) -> float:
 
 def reference_gradient(arch: Architecture) -> tuple[torch.Tensor, torch.Tensor]:
     """Output and vector-Jacobian product of a copy of the model: ``torch.func.vjp``, or plain autograd where the
-    model writes a buffer from an activation (``torch.func`` transforms refuse that in-place write)."""
+    model writes a buffer (``torch.func`` transforms refuse an in-place write to a captured tensor)."""
     model = copy.deepcopy(arch.model)
     ids = arch.x[0] if isinstance(arch.x, tuple) else None
     x = arch.float_input
@@ -165,7 +165,7 @@ def reference_gradient(arch: Architecture) -> tuple[torch.Tensor, torch.Tensor]:
     def forward(x: torch.Tensor) -> torch.Tensor:
         return model(x) if ids is None else model(ids, x)
 
-    if "buffer/running_stat" not in arch.blocks:
+    if not any(block.startswith("buffer/") for block in arch.blocks):
         output, pullback = torch.func.vjp(forward, x)
         return output, pullback(arch.grad_output)[0]
     x = x.detach().requires_grad_()
