@@ -20,23 +20,12 @@ import torch
 from . import _normalization, _stabilize
 from . import ops as _ops
 from ._call import Call, Propagated, RuleError
+from ._traits import Rule, traits_of
 from ._trace import Node, Observation, OpStep, Ref, RuledCall, Split, Trace, unflatten_call
 
 Tensor = torch.Tensor
 
 __all__ = ["Rule", "sweep", "Observer", "rule_name"]
-
-
-class Rule(Protocol):
-    """A rule rewrites the vector-Jacobian product of one call.
-
-    Called with the :class:`~lrpfunc.Call` and the cotangents of its outputs, it returns the cotangents of the
-    call's inputs, either as a tuple (one per input) or as a :class:`~lrpfunc.Propagated` that also carries a
-    relevance for each parameter. A rule may say ``needs_pullback = False`` (it never calls ``call.pullback``),
-    which lets the tracer run the call without recording its true pullback.
-    """
-
-    def __call__(self, call: Call, grad_outputs: tuple[Tensor, ...], /) -> Sequence[Tensor | None] | Propagated: ...
 
 
 class Observer(Protocol):
@@ -165,7 +154,7 @@ def sweep(
             for vid in outputs:
                 complete(vid)
             rule = step.rule
-            if forms and getattr(rule, "gradient_form", None) is not None:
+            if forms and traits_of(rule).gradient_form is not None:
                 # the rule in gradient form: relevance that arrived is divided by its value (the rule's own division)
                 grads = []
                 for vid in outputs:

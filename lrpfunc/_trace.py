@@ -37,6 +37,7 @@ from . import ops as _ops
 from . import types as _types
 from ._composite import CallSite
 from ._tape import Tape, VjpTape
+from ._traits import traits_of
 
 Tensor = torch.Tensor
 
@@ -404,8 +405,9 @@ class RuledCall:
         self.pullbacks: list[tuple[tuple[int, ...], tuple[int, ...], Callable[..., Any]]] = []
         self.merged_from: str | None = None
         self.transposed = False
-        self.passes_through = bool(getattr(rule, "passes_through", False))
-        self.records = needs_pullback or bool(getattr(rule, "replays", True))
+        traits = traits_of(rule)
+        self.passes_through = traits.passes_through
+        self.records = traits.records
         self.channel_scale: Callable[[], Tensor] | None = None
         #: A closed-form pullback of the call's one operation w.r.t. its two inputs (a sum of activations).
         self.closed_pullback: Callable[..., tuple[Tensor, Tensor]] | None = None
@@ -954,7 +956,7 @@ class Tracer(TorchFunctionMode):
                 return merged
         site = CallSite("module", module_index, name, module, None, None, index, self.next_order(), None)
         rule = self.offer(site)
-        transparent = rule is not None and self.transparent and _is_transparent(rule)
+        transparent = rule is not None and self.transparent and traits_of(rule).transparent
         self.stack.append(name)
         try:
             if transparent:  # its rule is its pullback in gradient form: everything inside goes on the tape
@@ -968,7 +970,7 @@ class Tracer(TorchFunctionMode):
                 output = _MODULE_CALL(module, *args, **kwargs)
                 ruled = None
             else:
-                ruled = RuledCall(site, rule, _needs_pullback(rule), module)
+                ruled = RuledCall(site, rule, traits_of(rule).needs_pullback, module)
                 ruled.transposed = (
                     type(module) in _TRANSPOSABLE
                     and getattr(module, "padding_mode", "zeros") == "zeros"
@@ -1392,17 +1394,17 @@ class Tracer(TorchFunctionMode):
             else:
                 rule = self.offer(site)
         transparent = self.transparent_depth > 0
-        if rule is not None and self.transparent and _is_transparent(rule):
+        if rule is not None and self.transparent and traits_of(rule).transparent:
             transparent, rule = True, None  # its rule is its pullback in gradient form: on the tape
         if rule is not None:
             assert site is not None
-            decompose = getattr(rule, "decompose", None)
+            decompose = traits_of(rule).decompose
             if decompose is not None:
                 call_args, call_kwargs = unflatten_call(spec, leaves)
                 with self:
                     return decompose(func, call_args, call_kwargs)
             info = self.classify(func, fn, leaves, spec)
-            ruled = RuledCall(site, rule, _needs_pullback(rule), None, op_class=info.op_class)
+            ruled = RuledCall(site, rule, traits_of(rule).needs_pullback, None, op_class=info.op_class)
             if act == [0]:
                 ruled.transposed = _ops.transpose_of(func, *unflatten_call(spec, leaves)) is not None
             elif act == [0, 1]:
@@ -1548,11 +1550,6 @@ class Tracer(TorchFunctionMode):
         )
 
 
-def _is_transparent(rule: Any) -> bool:
-    """A rule whose gradient form is the call's true pullback (``gradient_form = "pullback"``)."""
-    return getattr(rule, "gradient_form", None) == "pullback"
-
-
 def _run(fn: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any], stack: Sequence[str]) -> Any:
     """``fn(*args, **kwargs)``; a custom autograd function that ``torch.func`` cannot differentiate is refused, on
     every tape alike (the plain-autograd tape could run it, but whether a call may take that tape depends on its
@@ -1633,10 +1630,6 @@ def _no_pullback(count: int) -> Callable[..., Any]:
         return (None,) * count
 
     return pullback
-
-
-def _needs_pullback(rule: Any) -> bool:
-    return bool(getattr(rule, "needs_pullback", True))
 
 
 def _source_class(node: Node, sources: Mapping[int, type | None]) -> type | None:
