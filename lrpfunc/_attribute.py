@@ -331,7 +331,9 @@ def _run(
     tape = choose_tape(given)
     if not setup.traced and observe is None and param_relevance is None:
         return refreshing(setup, lambda: _plain(setup, params, x, grad_output, tape))
-    forms = param_relevance is None  # parameter relevance needs every rule in relevance form
+    # the one place that decides the form: rules without stabilizer propagate gradients (fast, see lrpfunc._sweep)
+    # unless parameter relevance is asked for, which needs every rule in relevance form
+    forms = param_relevance is None
     trace = refreshing(setup, lambda: run_trace(setup, params, x, tape, observe=observe, transparent=forms))
     _check_tensors(where, "the model's output", trace.output)
     grad_leaves = check_grad_output(where, trace.output, grad_output) if seed_output else []
@@ -341,6 +343,7 @@ def _run(
             _seeds(trace, grad_leaves) if seed_output else [],
             param_relevance=param_relevance,
             observer=observer,
+            gradient_form=forms,
         )
     leaves, spec = optree.tree_flatten(x, none_is_leaf=True)
     relevance = [

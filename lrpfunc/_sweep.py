@@ -50,6 +50,7 @@ def sweep(
     param_relevance: dict[str, Tensor] | None = None,
     observer: Observer | None = None,
     recorder: Callable[[Any, Any, Sequence[Tensor | None], Sequence[Tensor | None]], None] | None = None,
+    gradient_form: bool = False,
 ) -> dict[int, Tensor]:
     """Propagate ``seeds`` (value id, relevance) backwards through the trace; returns the relevance of the cut
     values that no step consumed (the inputs).
@@ -69,12 +70,14 @@ def sweep(
     Args:
         trace: The recorded forward pass.
         seeds: Relevance of output values.
-        param_relevance: If given, filled with the relevance of each parameter (by qualified name); every rule then
-            propagates relevance (parameter relevance needs it).
+        param_relevance: If given, filled with the relevance of each parameter (by qualified name); needs
+            ``gradient_form=False``.
         observer: Called at each observation with the relevance arriving there (zeros if none); its result propagates
             on (relevance may also start there: an observer that adds a seed).
         recorder: Called at every step with its site, its rule, the relevance of its outputs and the relevance it
-            passes to its inputs (:func:`lrpfunc.conservation`); every rule then propagates relevance.
+            passes to its inputs (:func:`lrpfunc.conservation`); needs ``gradient_form=False``.
+        gradient_form: Rules with a gradient form propagate gradients (the caller decides, once, and traces with
+            ``transparent`` alike); ``False``: every rule propagates relevance.
     """
     tape = trace.tape
     cut, origin, leaf_of = trace.cut, trace.origin, trace.leaf_of
@@ -86,7 +89,9 @@ def sweep(
     pending: dict[int, dict[int, Tensor]] = {}
     gpending: dict[int, dict[int, Tensor]] = {}
     wants_params = param_relevance is not None
-    forms = not wants_params and recorder is None
+    forms = gradient_form
+    if forms and (wants_params or recorder is not None):
+        raise ValueError("sweep: parameter relevance and a recorder need every rule in relevance form (gradient_form=False)")
 
     per_op = tape.per_op
 
