@@ -917,6 +917,8 @@ class Tracer(TorchFunctionMode):
                 if observed is not None:
                     self.add_observation(observed, merged)
                 return merged
+        if not self.reads_activation(args, kwargs):
+            return self.constant_call(module, name, args, kwargs, observed)
         site = CallSite("module", module_index, name, module, None, None, index, self.next_order(), None)
         rule = self.offer(site)
         transparent = rule is not None and self.transparent and _is_transparent(rule)
@@ -954,6 +956,31 @@ class Tracer(TorchFunctionMode):
             outputs = [self.vid(leaf) for leaf in _tensor_leaves(output)]
             if len(outputs) == 1 and outputs[0] is not None and outputs[0] in self.activations:
                 self.last_layer = (ruled, module, outputs[0], name, transparent)
+        if observed is not None:
+            self.add_observation(observed, output)
+        return output
+
+    def reads_activation(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Whether a tensor among a call's arguments is an activation (depends on the model's input)."""
+        activations = self.activations
+        for leaf in flatten_call(args, kwargs)[0]:
+            if isinstance(leaf, Tensor):
+                vid = self.vid(leaf)
+                if vid is not None and vid in activations:
+                    return True
+        return False
+
+    def constant_call(self, module: torch.nn.Module, name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                      observed: str | None) -> Any:
+        """A module call on constants alone (a learned query, a position table, an encoder fed token ids while the
+        relevance goes to the decoder's embeddings): no relevance passes through it, so it is no call site, like an
+        operation on constants; its output is a constant. A submodule or operation inside it that does read an
+        activation is a call site of its own."""
+        self.stack.append(name)
+        try:
+            output = _MODULE_CALL(module, *args, **kwargs)
+        finally:
+            self.stack.pop()
         if observed is not None:
             self.add_observation(observed, output)
         return output

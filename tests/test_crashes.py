@@ -1,0 +1,137 @@
+"""Regression tests for crashes on models and inputs the engine did not expect: calls on constants alone, opting out
+of a rule in a map, integer inputs beside float ones, compiled submodules, activation checkpointing and empty
+batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lrpfunc
+from lrpfunc import _tape, composites, rules
+
+D = torch.float64
+TAPES = ("autograd", "level", "vjp")
+
+
+def _params(model: nn.Module) -> dict[str, torch.Tensor]:
+    return dict(model.named_parameters())
+
+
+# ------------------------------------------------------------------------------------------------------------
+# a call whose inputs are all constants
+# ------------------------------------------------------------------------------------------------------------
+
+
+class LearnedQuery(nn.Module):
+    """A LayerNorm on a learned tensor (a query, a position table) beside a layer on the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(3, 4))
+        self.norm = nn.LayerNorm(4)
+        self.rms = nn.RMSNorm(4)
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) + self.rms(self.norm(self.query))
+
+
+class WithBuffer(nn.Module):
+    def __init__(self, lin: nn.Linear, constant: torch.Tensor) -> None:
+        super().__init__()
+        self.lin = lin
+        self.register_buffer("constant", constant)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) + self.constant
+
+
+@pytest.mark.parametrize("composite", ["attnlrp", "attnlrp_epsilon", "epsilon_plus_flat"])
+def test_a_normalization_of_a_constant_is_no_call_site(composite: str) -> None:
+    torch.manual_seed(0)
+    model = LearnedQuery().to(D)
+    chosen = {
+        "attnlrp": composites.attnlrp(),
+        "attnlrp_epsilon": composites.attnlrp(epsilon=1e-6, stabilizer=1e-6),
+        "epsilon_plus_flat": composites.epsilon_plus_flat(),
+    }[composite]
+    x, g = torch.randn(3, 4, dtype=D), torch.randn(3, 4, dtype=D)
+    output, relevance = lrpfunc.attribute(model, chosen)(_params(model), x, g)
+    torch.testing.assert_close(output, model(x), rtol=1e-14, atol=1e-14)
+    # the input gets what it gets when the constant is a buffer computed beforehand
+    reference = WithBuffer(model.lin, model.rms(model.norm(model.query)).detach())
+    expected = lrpfunc.attribute(reference, chosen)(_params(reference), x, g)[1]
+    torch.testing.assert_close(relevance, expected, rtol=1e-12, atol=1e-14)
+    # the calls on constants are no sites: the first layer rule goes to the first layer on the input
+    table = lrpfunc.rule_table(model, chosen, x)
+    assert [site.name for site, _ in table if site.kind == "module"] == ["", "lin"]
+    if composite == "epsilon_plus_flat":
+        assert repr(table.rule_of("lin")).startswith("flat")
+    report = lrpfunc.conservation(model, chosen)(_params(model), x, g)
+    assert all(row.site.name not in ("norm", "rms") for row in report.rows)
+
+
+def test_a_submodule_of_a_constant_call_that_reads_an_activation_is_a_site() -> None:
+    class ReadsStored(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.LayerNorm(4)
+            self.table = nn.Parameter(torch.randn(3, 4))
+
+        def forward(self, stored: list[torch.Tensor]) -> torch.Tensor:
+            return self.norm(stored[0]) + self.table
+
+    class Outer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.inner = ReadsStored()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner([self.lin(x)])
+
+    torch.manual_seed(1)
+    model = Outer().to(D)
+    x = torch.randn(3, 4, dtype=D)
+    table = lrpfunc.rule_table(model, composites.attnlrp(), x)
+    assert repr(table.rule_of("inner.norm")).startswith("normalization")
+
+
+def _encoder_decoder(kind: str) -> tuple[nn.Module, int]:
+    transformers = pytest.importorskip("transformers")
+    if kind == "t5":
+        config = transformers.T5Config(d_model=16, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=2, d_kv=8,
+                                       vocab_size=50, attn_implementation="eager")
+        return transformers.T5ForConditionalGeneration(config), 16
+    config = transformers.BartConfig(d_model=16, encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_layers=1,
+                                     decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+                                     vocab_size=50, max_position_embeddings=32)
+    return transformers.BartForConditionalGeneration(config), 16
+
+
+class FromDecoderEmbeddings(nn.Module):
+    """An encoder-decoder fed token ids, attributed to the decoder's input embeddings: the whole encoder runs on
+    constants."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, decoder_inputs_embeds: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, decoder_inputs_embeds=decoder_inputs_embeds, use_cache=False).logits
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+def test_encoder_decoders_with_a_constant_encoder(kind: str) -> None:
+    torch.manual_seed(2)
+    inner, width = _encoder_decoder(kind)
+    model = FromDecoderEmbeddings(inner.to(D).eval())
+    ids, embeds = torch.randint(0, 50, (2, 5)), torch.randn(2, 3, width, dtype=D)
+    expected = model(ids, embeds)
+    output, (r_ids, r_embeds) = lrpfunc.attribute(model, composites.attnlrp())(_params(model), (ids, embeds),
+                                                                               torch.ones_like(expected))
+    torch.testing.assert_close(output, expected, rtol=1e-12, atol=1e-12)
+    assert torch.equal(r_ids, torch.zeros_like(ids))
+    assert torch.isfinite(r_embeds).all() and r_embeds.abs().sum() > 0
