@@ -135,3 +135,84 @@ def test_encoder_decoders_with_a_constant_encoder(kind: str) -> None:
     torch.testing.assert_close(output, expected, rtol=1e-12, atol=1e-12)
     assert torch.equal(r_ids, torch.zeros_like(ids))
     assert torch.isfinite(r_embeds).all() and r_embeds.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# a rule of None in a map: no rule, and stop looking
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)).to(D)
+
+
+def test_none_in_a_name_map_opts_out_of_later_composites() -> None:
+    model = _mlp()
+    x, g = torch.randn(2, 4, dtype=D), torch.randn(2, 3, dtype=D)
+    composite = composites.mixed([composites.name_map([(("0", "2"), None)]), composites.epsilon_plus(epsilon=0.5)])
+    table = lrpfunc.rule_table(model, composite, x)
+    assert table.rule_of("0") is None and table.rule_of("2") is None
+    assert repr(table.rule_of("1")) == "passthrough"
+    # no rule anywhere (the operations inside the modules included): the true input gradient
+    composite = composites.mixed([composites.name_map([(("0", "1", "2"), None)]), composites.epsilon_plus(epsilon=0.5)])
+    table = lrpfunc.rule_table(model, composite, x)
+    assert all(rule is None for _, rule in table), str(table)
+    _, relevance = lrpfunc.attribute(model, composite)(_params(model), x, g)
+    expected = torch.func.vjp(model, x)[1](g)[0]
+    torch.testing.assert_close(relevance, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_none_in_a_layer_map_stops_at_that_entry() -> None:
+    model = _mlp()
+    x = torch.randn(2, 4, dtype=D)
+    eps = rules.epsilon(0.25)
+    composite = composites.layer_map([(nn.Linear, None), (nn.Linear, eps), (nn.ReLU, rules.passthrough())])
+    table = lrpfunc.rule_table(model, composite, x)
+    assert table.rule_of("0") is None and table.rule_of("2") is None
+    # the named composites' own entries come after the caller's: None there wins over epsilon on dense layers
+    table = lrpfunc.rule_table(model, composites.epsilon_plus(layer_map=[(nn.Linear, None)]), x)
+    assert table.rule_of("0") is None and table.rule_of("2") is None
+    assert table.rule_of("0/linear") is None and repr(table.rule_of("1")) == "passthrough"
+
+
+def test_none_for_a_module_keeps_its_true_gradient_under_attnlrp() -> None:
+    torch.manual_seed(4)
+    model = LearnedQuery().to(D)
+    x, g = torch.randn(3, 4, dtype=D), torch.randn(3, 4, dtype=D)
+    params = _params(model)
+    plain = torch.func.vjp(model, x)[1](g)[0]
+    opted = composites.attnlrp(layer_map=[(LearnedQuery, None)])  # the whole model: every site inside it too
+    torch.testing.assert_close(lrpfunc.attribute(model, opted)(params, x, g)[1], plain, rtol=1e-12, atol=1e-14)
+
+
+def test_none_in_a_first_map_takes_the_first_layer() -> None:
+    model = _mlp()
+    x = torch.randn(2, 4, dtype=D)
+    composite = composites.epsilon_plus_flat(first_map=[(nn.Linear, None)])
+    table = lrpfunc.rule_table(model, composite, x)
+    assert table.rule_of("0") is None
+    assert repr(table.rule_of("2")).startswith("epsilon")
+    nested = composites.mixed([composites.first_layer_map([(nn.Linear, None)], composites.layer_map([])),
+                               composites.epsilon_plus()])
+    table = lrpfunc.rule_table(model, nested, x)
+    assert table.rule_of("0") is None and repr(table.rule_of("2")).startswith("epsilon")
+
+
+def test_none_in_a_map_of_a_composite_without_resolver() -> None:
+    class ListOnly:
+        """A composite with only ``resolve(sites)``."""
+
+        def resolve(self, sites):
+            return [rules.epsilon(0.5) if isinstance(site.module, nn.Linear) else None for site in sites]
+
+    model = _mlp()
+    x = torch.randn(2, 4, dtype=D)
+    composite = composites.mixed([composites.name_map([("2", None)]), ListOnly()])
+    table = lrpfunc.rule_table(model, composite, x)
+    assert repr(table.rule_of("0")).startswith("epsilon") and table.rule_of("2") is None
+
+
+def test_a_rule_that_is_neither_callable_nor_none_is_refused() -> None:
+    with pytest.raises(TypeError, match="must be a rule .callable. or None"):
+        composites.name_map([("0", 3)])
