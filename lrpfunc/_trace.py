@@ -235,6 +235,7 @@ _FACTS: dict[Any, tuple[Callable[..., Any], bool, bool, bool]] = {}
 def _facts(func: Callable[..., Any]) -> tuple[Callable[..., Any], bool, bool, bool]:
     fn, mutates, returns_none = _out_of_place_of(func)
     fn = _NORMALIZATIONS_WITH_RUNNING_STATS.get(fn, fn)
+    fn = _EMBEDDING_BAGS.get(fn, fn)
     found = _FACTS[func] = (fn, mutates, returns_none, op_name(func) in _VIEW_OPS)
     return found
 
@@ -264,6 +265,51 @@ _NORMALIZATIONS_WITH_RUNNING_STATS = {
     F.batch_norm: _without_running_stat_updates(F.batch_norm),
     F.instance_norm: _without_running_stat_updates(F.instance_norm),
 }
+
+_BAG_MODES = {"sum": 0, "mean": 1, "max": 2}
+
+
+def _aten_embedding_bag(weight: Tensor, indices: Tensor, offsets: Tensor, scale_grad_by_freq: bool = False,
+                        mode: int = 0, sparse: bool = False, per_sample_weights: Tensor | None = None,
+                        include_last_offset: bool = False, padding_idx: int | None = None) -> tuple[Tensor, ...]:
+    """``torch.embedding_bag`` always through ``aten._embedding_bag``: under a ``torch.func`` grad level a weight
+    that requires grad outside it takes the forward-only kernel, whose integer outputs autograd then refuses
+    ("Autograd not support dtype: Long")."""
+    if padding_idx is None:
+        padding_idx = -1
+    elif -weight.size(0) <= padding_idx < 0:
+        padding_idx += weight.size(0)
+    return torch.ops.aten._embedding_bag(weight, indices, offsets, scale_grad_by_freq, mode, sparse,
+                                         per_sample_weights, include_last_offset, padding_idx)
+
+
+def _functional_embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None,  # noqa: A002
+                              max_norm: float | None = None, norm_type: float = 2, scale_grad_by_freq: bool = False,
+                              mode: str = "mean", sparse: bool = False, per_sample_weights: Tensor | None = None,
+                              include_last_offset: bool = False, padding_idx: int | None = None) -> Tensor:
+    """``F.embedding_bag`` through :func:`_aten_embedding_bag` for the plain 1-D and 2-D cases; anything else (and
+    every invalid call, for its error) goes to ``F.embedding_bag`` itself."""
+    common = (max_norm is None and mode in _BAG_MODES and input.dim() in (1, 2) and not input.is_nested
+              and not input.is_floating_point() and weight.dim() == 2
+              and (per_sample_weights is None or (mode == "sum" and per_sample_weights.shape == input.shape))
+              and (input.dim() == 2) == (offsets is None))
+    if not common:
+        return F.embedding_bag(input, weight, offsets, max_norm, norm_type, scale_grad_by_freq, mode, sparse,
+                               per_sample_weights, include_last_offset, padding_idx)
+    if input.dim() == 2:
+        offsets = torch.arange(0, input.numel(), input.size(1), dtype=input.dtype, device=input.device)
+        include_last_offset = False
+        input = input.reshape(-1)  # noqa: A001
+        if per_sample_weights is not None:
+            per_sample_weights = per_sample_weights.reshape(-1)
+    return _aten_embedding_bag(weight, input, offsets, scale_grad_by_freq, _BAG_MODES[mode], sparse,  # type: ignore[arg-type]
+                               per_sample_weights, include_last_offset, padding_idx)[0]
+
+
+_functional_embedding_bag.__name__ = "embedding_bag"
+_aten_embedding_bag.__name__ = "embedding_bag"
+
+_EMBEDDING_BAGS = {F.embedding_bag: _functional_embedding_bag, torch.embedding_bag: _aten_embedding_bag}
 
 
 class _FastSpec:

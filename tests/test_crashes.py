@@ -216,3 +216,62 @@ def test_none_in_a_map_of_a_composite_without_resolver() -> None:
 def test_a_rule_that_is_neither_callable_nor_none_is_refused() -> None:
     with pytest.raises(TypeError, match="must be a rule .callable. or None"):
         composites.name_map([("0", 3)])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# integer inputs beside float ones
+# ------------------------------------------------------------------------------------------------------------
+
+
+class Bag(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(10, 4, mode="mean")
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, ids: torch.Tensor, offsets: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(torch.relu(self.bag(ids, offsets) * x))
+
+
+class BagOfFixedLength(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(10, 4, mode="sum", padding_idx=-1)
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(self.bag(ids) + x)
+
+
+def _bag_cases() -> dict[str, tuple[nn.Module, tuple[torch.Tensor, ...]]]:
+    torch.manual_seed(5)
+    x = torch.randn(2, 4, dtype=D)
+    return {
+        "offsets": (Bag().to(D), (torch.tensor([1, 2, 4, 5, 4, 3]), torch.tensor([0, 3]), x)),
+        "fixed_length": (BagOfFixedLength().to(D), (torch.tensor([[1, 9, 4], [5, 4, 3]]), x)),
+    }
+
+
+@pytest.mark.parametrize("composite", ["none", "epsilon_plus"])
+@pytest.mark.parametrize("case", ["offsets", "fixed_length"])
+def test_embedding_bags_with_integer_inputs_on_every_tape(case: str, composite: str) -> None:
+    model, inputs = _bag_cases()[case]
+    chosen = None if composite == "none" else composites.epsilon_plus()
+    params = _params(model)  # requiring grad: the exact tapes
+    g = torch.randn(2, 3, dtype=D)
+    detached = {name: value.detach() for name, value in params.items()}
+    expected_output = model(*inputs)
+    gradient = torch.func.vjp(lambda x: torch.func.functional_call(model, detached, (*inputs[:-1], x)), inputs[-1])[1](g)[0]
+    results = []
+    for tape in TAPES:
+        with _tape.forced(tape):
+            output, relevance = lrpfunc.attribute(model, chosen)(params, inputs, g)
+        torch.testing.assert_close(output, expected_output, rtol=1e-14, atol=1e-14)
+        for leaf, r in zip(inputs[:-1], relevance[:-1]):
+            assert r.dtype == leaf.dtype and torch.equal(r, torch.zeros_like(leaf))
+        if chosen is None:
+            torch.testing.assert_close(relevance[-1], gradient, rtol=1e-12, atol=1e-14)
+        results.append(relevance[-1])
+    for other in results[1:]:
+        torch.testing.assert_close(other, results[0], rtol=1e-12, atol=1e-14)
+    assert torch.isfinite(results[0]).all()
