@@ -70,8 +70,8 @@ def _entries(where: str, entries: Entries) -> tuple[tuple[tuple[Matcher, ...], R
             raise TypeError(f"{where}: entry with rule {rule!r} matches no type")
         if rule is not None and not callable(rule):
             raise TypeError(
-                f"{where}: the rule of entry {matchers!r} must be a rule (callable) or None (no rule), "
-                f"got {type(rule).__name__}"
+                f"{where}: the rule of entry {matchers!r} must be callable, got {type(rule).__name__} (give a rule, "
+                f"or None for no rule)"
             )
         checked.append((matchers, rule))
     return tuple(checked)

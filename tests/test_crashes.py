@@ -214,7 +214,7 @@ def test_none_in_a_map_of_a_composite_without_resolver() -> None:
 
 
 def test_a_rule_that_is_neither_callable_nor_none_is_refused() -> None:
-    with pytest.raises(TypeError, match="must be a rule .callable. or None"):
+    with pytest.raises(TypeError, match="must be callable, got int .give a rule, or None for no rule."):
         composites.name_map([("0", 3)])
 
 
