@@ -31,6 +31,7 @@ from typing import Any
 import optree
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint as _checkpoint
 from torch.overrides import TorchFunctionMode
 
 from . import ops as _ops
@@ -51,6 +52,8 @@ _patch_lock = threading.Lock()
 _patch_users = 0
 _MODULE_CALL = torch.nn.Module.__call__
 _FUNCTION_APPLY = torch.autograd.Function.apply.__func__  # type: ignore[attr-defined]
+_CHECKPOINT_GENERATOR = _checkpoint._checkpoint_without_reentrant_generator
+_CHECKPOINT_APPLY = _checkpoint.CheckpointFunction.__dict__.get("apply")
 
 
 def _current() -> Tracer | None:
@@ -60,8 +63,43 @@ def _current() -> Tracer | None:
 def _traced_module_call(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     tracer = getattr(_state, "tracer", None)
     if tracer is None:
+        if getattr(_state, "eager", 0):
+            module = _uncompiled(module)
         return _MODULE_CALL(module, *args, **kwargs)
-    return tracer.module_call(module, args, kwargs)
+    return tracer.module_call(_uncompiled(module), args, kwargs)
+
+
+def _uncompiled(module: torch.nn.Module) -> torch.nn.Module:
+    """The module that a ``torch.compile``'d module (dynamo's ``OptimizedModule``) wraps: the record is made of
+    eager operations, and a compiled graph would run under the tracer's grad level as one opaque call."""
+    while type(module).__name__ == "OptimizedModule":
+        original = getattr(module, "_orig_mod", None)
+        if not isinstance(original, torch.nn.Module):
+            break
+        module = original
+    return module
+
+
+def _eager() -> bool:
+    return getattr(_state, "tracer", None) is not None or bool(getattr(_state, "eager", 0))
+
+
+def _inline_checkpoint(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Iterator[None]:
+    """``torch.utils.checkpoint``'s non-reentrant set-up and tear-down around the checkpointed function, skipped in a
+    thread that records or differentiates a forward pass (its saved-tensor hooks fail under ``torch.func``, and what is
+    recomputed in the backward pass is the same function)."""
+    if _eager():
+        yield
+        return
+    yield from _CHECKPOINT_GENERATOR(fn, *args, **kwargs)
+
+
+def _inline_checkpoint_apply(cls: type, function: Callable[..., Any], preserve_rng_state: bool, *args: Any) -> Any:
+    """``CheckpointFunction.apply`` (the reentrant checkpoint), which runs ``function`` directly in such a thread (it
+    is an autograd function that ``torch.func`` cannot differentiate)."""
+    if _eager():
+        return function(*args)
+    return torch.autograd.Function.apply.__func__(cls, function, preserve_rng_state, *args)  # type: ignore[attr-defined]
 
 
 class FunctionApply:
@@ -109,6 +147,8 @@ def _patches() -> Iterator[None]:
         if _patch_users == 0:
             torch.nn.Module.__call__ = _traced_module_call  # type: ignore[method-assign]
             torch.autograd.Function.apply = classmethod(_traced_apply)  # type: ignore[method-assign,assignment]
+            _checkpoint._checkpoint_without_reentrant_generator = _inline_checkpoint
+            _checkpoint.CheckpointFunction.apply = classmethod(_inline_checkpoint_apply)  # type: ignore[method-assign,assignment]
         _patch_users += 1
     try:
         yield
@@ -118,6 +158,11 @@ def _patches() -> Iterator[None]:
             if _patch_users == 0:
                 torch.nn.Module.__call__ = _MODULE_CALL  # type: ignore[method-assign]
                 torch.autograd.Function.apply = classmethod(_FUNCTION_APPLY)  # type: ignore[method-assign,assignment]
+                _checkpoint._checkpoint_without_reentrant_generator = _CHECKPOINT_GENERATOR
+                if _CHECKPOINT_APPLY is None:
+                    del _checkpoint.CheckpointFunction.apply
+                else:
+                    _checkpoint.CheckpointFunction.apply = _CHECKPOINT_APPLY  # type: ignore[method-assign]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -1722,6 +1767,18 @@ def _merge_parameters(tracer: Tracer, call: RuledCall, layer: torch.nn.Module, b
 
 
 # ------------------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def eager_calls() -> Iterator[None]:
+    """In this thread, for a forward pass that ``torch.func`` differentiates without a tracer: a ``torch.compile``'d
+    module runs the module it wraps, and ``torch.utils.checkpoint`` runs its function directly (as while tracing)."""
+    with _patches():
+        _state.eager = getattr(_state, "eager", 0) + 1
+        try:
+            yield
+        finally:
+            _state.eager -= 1
 
 
 @contextmanager

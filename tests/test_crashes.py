@@ -4,6 +4,8 @@ batches."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -275,3 +277,66 @@ def test_embedding_bags_with_integer_inputs_on_every_tape(case: str, composite: 
     for other in results[1:]:
         torch.testing.assert_close(other, results[0], rtol=1e-12, atol=1e-14)
     assert torch.isfinite(results[0]).all()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# compiled submodules and activation checkpointing
+# ------------------------------------------------------------------------------------------------------------
+
+
+class Net(nn.Module):
+    """``out(block(x))``; ``wrap`` says how the block is called: ``"plain"``, ``"compiled"`` (a ``torch.compile``'d
+    submodule), ``"checkpoint"`` or ``"reentrant"`` (``torch.utils.checkpoint``)."""
+
+    def __init__(self, block: nn.Module, out: nn.Module, wrap: str) -> None:
+        super().__init__()
+        self.block = torch.compile(block) if wrap == "compiled" else block
+        self.out = out
+        self.wrap = wrap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.wrap in ("checkpoint", "reentrant"):
+            hidden = torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=self.wrap == "reentrant")
+        else:
+            hidden = self.block(x)
+        return self.out(hidden)
+
+
+def _wrapped(wrap: str) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(6)
+    block = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 5), nn.Tanh()).to(D)
+    out = nn.Linear(5, 2).to(D)
+    with warnings.catch_warnings():  # torch.compile's first call imports modules that warn of deprecated torch.jit
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return Net(block, out, "plain"), Net(block, out, wrap)
+
+
+@pytest.mark.parametrize("composite", ["none", "epsilon_plus", "attnlrp"])
+@pytest.mark.parametrize("wrap", ["compiled", "checkpoint", "reentrant"])
+def test_compiled_and_checkpointed_blocks_give_the_plain_result(wrap: str, composite: str) -> None:
+    plain, wrapped = _wrapped(wrap)
+    make = {"none": lambda: None, "epsilon_plus": composites.epsilon_plus, "attnlrp": composites.attnlrp}[composite]
+    x, g = torch.randn(3, 4, dtype=D), torch.randn(3, 2, dtype=D)
+    expected_output, expected = lrpfunc.attribute(plain, make())(_params(plain), x, g)
+    for tape in TAPES:
+        with _tape.forced(tape):
+            output, relevance = lrpfunc.attribute(wrapped, make())(_params(wrapped), x, g)
+        torch.testing.assert_close(output, expected_output, rtol=1e-14, atol=1e-14)
+        torch.testing.assert_close(relevance, expected, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("wrap", ["compiled", "checkpoint"])
+def test_compiled_and_checkpointed_blocks_differentiate_and_report(wrap: str) -> None:
+    plain, wrapped = _wrapped(wrap)
+    x, g = torch.randn(3, 4, dtype=D), torch.randn(3, 2, dtype=D)
+
+    def loss(model: nn.Module) -> torch.Tensor:
+        fn = lrpfunc.attribute(model, composites.epsilon_plus())
+        return torch.func.grad(lambda x: fn(_params(model), x, g)[1].pow(2).sum())(x)
+
+    torch.testing.assert_close(loss(wrapped), loss(plain), rtol=1e-12, atol=1e-14)
+    report = lrpfunc.conservation(wrapped, composites.epsilon_plus())(_params(wrapped), x, g)
+    reference = lrpfunc.conservation(plain, composites.epsilon_plus())(_params(plain), x, g)
+    assert report.total_out == pytest.approx(reference.total_out, rel=1e-12)
+    if wrap == "checkpoint":  # outside an attribution the checkpoint is back (compiling the block would take seconds)
+        torch.testing.assert_close(wrapped(x), plain(x), rtol=1e-12, atol=1e-14)
