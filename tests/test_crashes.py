@@ -340,3 +340,59 @@ def test_compiled_and_checkpointed_blocks_differentiate_and_report(wrap: str) ->
     assert report.total_out == pytest.approx(reference.total_out, rel=1e-12)
     if wrap == "checkpoint":  # outside an attribution the checkpoint is back (compiling the block would take seconds)
         torch.testing.assert_close(wrapped(x), plain(x), rtol=1e-12, atol=1e-14)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# empty batches
+# ------------------------------------------------------------------------------------------------------------
+
+
+class Normalized(nn.Module):
+    """Convolution, GroupNorm, a LayerNorm over channels last, softmax: the normalisations' rules on an empty batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.group = nn.GroupNorm(2, 4)
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.group(torch.relu(self.conv(x))).mean((2, 3))
+        return torch.softmax(self.head(self.norm(hidden)), -1)
+
+
+def _empty_cases() -> dict[str, tuple[nn.Module, object, tuple]]:
+    from models import cnn, randomize_batchnorms
+
+    torch.manual_seed(7)
+    small_cnn = cnn().to(D).eval()
+    randomize_batchnorms(small_cnn)
+    return {
+        "cnn": (small_cnn, composites.epsilon_plus_flat(), (lrpfunc.canonizers.merge_batchnorm(),)),
+        "cnn_gamma_box": (small_cnn, composites.epsilon_gamma_box(-3.0, 3.0), ()),
+        "normalized": (Normalized().to(D).eval(), composites.attnlrp(epsilon=1e-6, stabilizer=1e-6), ()),
+    }
+
+
+@pytest.mark.parametrize("case", ["cnn", "cnn_gamma_box", "normalized"])
+def test_an_empty_batch(case: str) -> None:
+    model, composite, canonizer_list = _empty_cases()[case]
+    x = torch.randn(0, 3, 8, 8, dtype=D)
+    g = torch.zeros_like(model(x))
+    params = _params(model)
+    report = lrpfunc.conservation(model, composite, canonizer_list)(params, x, g)
+    assert report.total_in == 0 and report.total_out == 0
+    assert report.rows and all(row.relevance_in == 0 and row.relevance_out == 0 for row in report.rows)
+    assert report.leaks() == []
+    str(report)
+    for chosen in (None, composite):
+        for tape in TAPES:
+            with _tape.forced(tape):
+                output, relevance = lrpfunc.attribute(model, chosen, canonizer_list)(params, x, g)
+            assert output.shape == g.shape and relevance.shape == x.shape
+    # nothing differentiates the result: the rules may leave out terms that are exactly zero, which reads the input
+    detached = {name: value.detach() for name, value in params.items()}
+    with torch.no_grad():
+        _, relevance = lrpfunc.attribute(model, composite, canonizer_list)(detached, x, g)
+    assert relevance.shape == x.shape
