@@ -13,7 +13,7 @@ import torch
 from ._composite import CallSite, Composite, RuleTable, resolver_of
 from ._sweep import Observer, sweep
 from ._tape import AutogradTape, Tape, choose_tape
-from ._trace import ModelInfo, Retry, Stale, Substitution, Trace, Tracer, call_model, tracing
+from ._trace import ModelInfo, Retry, Stale, Substitution, Trace, Tracer, call_model, eager_calls, tracing
 from .canonizers import Canonizer
 
 Tensor = torch.Tensor
@@ -252,7 +252,7 @@ def _plain(setup: Setup, params: Mapping[str, Tensor], x: Any, grad_output: Any,
         with torch.enable_grad():
             for index in floats:
                 leaves[index] = leaves[index].detach().requires_grad_()
-            with Substitution(setup.info, params, replace, detach=True):
+            with Substitution(setup.info, params, replace, detach=True), eager_calls():
                 output = call_model(setup.model, optree.tree_unflatten(spec, leaves), setup.info)
         _check_tensors(where, "the model's output", output)
         grad_leaves = check_grad_output(where, output, grad_output)
@@ -274,7 +274,7 @@ def _plain(setup: Setup, params: Mapping[str, Tensor], x: Any, grad_output: Any,
         current = list(leaves)
         for index, value in zip(floats, values):
             current[index] = value
-        with Substitution(setup.info, params, replace):
+        with Substitution(setup.info, params, replace), eager_calls():
             result = call_model(setup.model, optree.tree_unflatten(spec, current), setup.info)
         _check_tensors(where, "the model's output", result)
         result_leaves, result_spec = optree.tree_flatten(result, none_is_leaf=True)

@@ -287,6 +287,8 @@ class BasicRule:
         is zeroed), for the positive or negative part of an input that has no such part (``x^-`` after a ReLU)."""
         if not self.zero_terms or not call.linear or with_params or len(call.inputs) != 1 or not values_only():
             return frozenset()
+        if call.inputs[0].numel() == 0:
+            return frozenset()  # an empty batch has neither part
         low, high = torch.aminmax(call.inputs[0])
         if not (low < 0 or high > 0):
             return frozenset()  # an input of zeros: nothing to gain, and every term of a pair would go

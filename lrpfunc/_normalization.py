@@ -14,6 +14,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,10 +34,18 @@ def _affine(y: Tensor, weight: Tensor | None, bias: Tensor | None, shape: Sequen
     return y
 
 
+def _variance(x: Tensor, dims: int | tuple[int, ...]) -> Tensor:
+    """The biased variance over ``dims``; zeros of the reduced shape for an empty ``x`` (an empty batch), where
+    ``Tensor.var`` warns."""
+    if x.numel() == 0:
+        return x.sum(dims, keepdim=True)
+    return x.var(dims, unbiased=False, keepdim=True)
+
+
 def layer_norm(recorded: Tensor, input: Tensor, normalized_shape: Sequence[int], weight: Tensor | None = None,  # noqa: A002
                bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
     dims = tuple(range(-len(normalized_shape), 0))
-    std = (recorded.var(dims, unbiased=False, keepdim=True) + eps).sqrt()
+    std = (_variance(recorded, dims) + eps).sqrt()
     y = (input - input.mean(dims, keepdim=True)) / std
     return _affine(y, weight, bias, tuple(normalized_shape))
 
@@ -52,8 +61,9 @@ def rms_norm(recorded: Tensor, input: Tensor, normalized_shape: Sequence[int], w
 def group_norm(recorded: Tensor, input: Tensor, num_groups: int, weight: Tensor | None = None,  # noqa: A002
                bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
     n, c = input.shape[:2]
-    grouped = input.reshape(n, num_groups, -1)
-    std = (recorded.reshape(n, num_groups, -1).var(-1, unbiased=False, keepdim=True) + eps).sqrt()
+    per_group = math.prod(input.shape[1:]) // num_groups  # not -1: it cannot be inferred for an empty batch
+    grouped = input.reshape(n, num_groups, per_group)
+    std = (_variance(recorded.reshape(n, num_groups, per_group), -1) + eps).sqrt()
     y = ((grouped - grouped.mean(-1, keepdim=True)) / std).reshape(input.shape)
     return _affine(y, weight, bias, (1, c) + (1,) * (input.ndim - 2))
 
@@ -66,7 +76,7 @@ def batch_norm(recorded: Tensor, input: Tensor, running_mean: Tensor | None, run
         y = (input - running_mean.reshape(shape)) / (running_var.reshape(shape) + eps).sqrt()
     else:
         dims = (0,) + tuple(range(2, input.ndim))
-        std = (recorded.var(dims, unbiased=False, keepdim=True) + eps).sqrt()
+        std = (_variance(recorded, dims) + eps).sqrt()
         y = (input - input.mean(dims, keepdim=True)) / std
     return _affine(y, weight, bias, shape)
 
@@ -79,7 +89,7 @@ def instance_norm(recorded: Tensor, input: Tensor, running_mean: Tensor | None =
         y = (input - running_mean.reshape(shape)) / (running_var.reshape(shape) + eps).sqrt()
     else:
         dims = tuple(range(2, input.ndim))
-        std = (recorded.var(dims, unbiased=False, keepdim=True) + eps).sqrt()
+        std = (_variance(recorded, dims) + eps).sqrt()
         y = (input - input.mean(dims, keepdim=True)) / std
     return _affine(y, weight, bias, shape)
 

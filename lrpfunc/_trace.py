@@ -31,6 +31,7 @@ from typing import Any
 import optree
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint as _checkpoint
 from torch.overrides import TorchFunctionMode
 
 from . import ops as _ops
@@ -62,6 +63,16 @@ def _FUNCTION_APPLY(cls: type, *args: Any, **kwargs: Any) -> Any:
     return _APPLY_DESCRIPTOR.__get__(None, cls)(*args, **kwargs)
 
 
+#: The generator that ``torch.utils.checkpoint.checkpoint(use_reentrant=False)`` runs around the function (renamed with
+#: a different signature in torch 2.14; the patch forwards whatever it gets).
+_CHECKPOINT_GENERATOR_NAME = next(
+    name for name in ("_checkpoint_without_reentrant_generator_impl", "_checkpoint_without_reentrant_generator")
+    if hasattr(_checkpoint, name)
+)
+_CHECKPOINT_GENERATOR = getattr(_checkpoint, _CHECKPOINT_GENERATOR_NAME)
+_CHECKPOINT_APPLY = _checkpoint.CheckpointFunction.__dict__.get("apply")
+
+
 def _current() -> Tracer | None:
     return getattr(_state, "tracer", None)
 
@@ -69,8 +80,43 @@ def _current() -> Tracer | None:
 def _traced_module_call(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     tracer = getattr(_state, "tracer", None)
     if tracer is None:
+        if getattr(_state, "eager", 0):
+            module = _uncompiled(module)
         return _MODULE_CALL(module, *args, **kwargs)
-    return tracer.module_call(module, args, kwargs)
+    return tracer.module_call(_uncompiled(module), args, kwargs)
+
+
+def _uncompiled(module: torch.nn.Module) -> torch.nn.Module:
+    """The module that a ``torch.compile``'d module (dynamo's ``OptimizedModule``) wraps: the record is made of
+    eager operations, and a compiled graph would run under the tracer's grad level as one opaque call."""
+    while type(module).__name__ == "OptimizedModule":
+        original = getattr(module, "_orig_mod", None)
+        if not isinstance(original, torch.nn.Module):
+            break
+        module = original
+    return module
+
+
+def _eager() -> bool:
+    return getattr(_state, "tracer", None) is not None or bool(getattr(_state, "eager", 0))
+
+
+def _inline_checkpoint(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Iterator[None]:
+    """``torch.utils.checkpoint``'s non-reentrant set-up and tear-down around the checkpointed function, skipped in a
+    thread that records or differentiates a forward pass (its saved-tensor hooks fail under ``torch.func``, and what is
+    recomputed in the backward pass is the same function)."""
+    if _eager():
+        yield
+        return
+    yield from _CHECKPOINT_GENERATOR(fn, *args, **kwargs)
+
+
+def _inline_checkpoint_apply(cls: type, function: Callable[..., Any], preserve_rng_state: bool, *args: Any) -> Any:
+    """``CheckpointFunction.apply`` (the reentrant checkpoint), which runs ``function`` directly in such a thread (it
+    is an autograd function that ``torch.func`` cannot differentiate)."""
+    if _eager():
+        return function(*args)
+    return _traced_apply(cls, function, preserve_rng_state, *args)
 
 
 class FunctionApply:
@@ -118,6 +164,8 @@ def _patches() -> Iterator[None]:
         if _patch_users == 0:
             torch.nn.Module.__call__ = _traced_module_call  # type: ignore[method-assign]
             torch.autograd.Function.apply = classmethod(_traced_apply)  # type: ignore[method-assign,assignment]
+            setattr(_checkpoint, _CHECKPOINT_GENERATOR_NAME, _inline_checkpoint)
+            _checkpoint.CheckpointFunction.apply = classmethod(_inline_checkpoint_apply)  # type: ignore[method-assign,assignment]
         _patch_users += 1
     try:
         yield
@@ -130,6 +178,11 @@ def _patches() -> Iterator[None]:
                     torch.autograd.Function.apply = _APPLY_DESCRIPTOR  # type: ignore[method-assign]
                 else:
                     del torch.autograd.Function.apply
+                setattr(_checkpoint, _CHECKPOINT_GENERATOR_NAME, _CHECKPOINT_GENERATOR)
+                if _CHECKPOINT_APPLY is None:
+                    del _checkpoint.CheckpointFunction.apply
+                else:
+                    _checkpoint.CheckpointFunction.apply = _CHECKPOINT_APPLY  # type: ignore[method-assign]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -247,6 +300,7 @@ _FACTS: dict[Any, tuple[Callable[..., Any], bool, bool, bool]] = {}
 def _facts(func: Callable[..., Any]) -> tuple[Callable[..., Any], bool, bool, bool]:
     fn, mutates, returns_none = _out_of_place_of(func)
     fn = _NORMALIZATIONS_WITH_RUNNING_STATS.get(fn, fn)
+    fn = _EMBEDDING_BAGS.get(fn, fn)
     found = _FACTS[func] = (fn, mutates, returns_none, op_name(func) in _VIEW_OPS)
     return found
 
@@ -276,6 +330,51 @@ _NORMALIZATIONS_WITH_RUNNING_STATS = {
     F.batch_norm: _without_running_stat_updates(F.batch_norm),
     F.instance_norm: _without_running_stat_updates(F.instance_norm),
 }
+
+_BAG_MODES = {"sum": 0, "mean": 1, "max": 2}
+
+
+def _aten_embedding_bag(weight: Tensor, indices: Tensor, offsets: Tensor, scale_grad_by_freq: bool = False,
+                        mode: int = 0, sparse: bool = False, per_sample_weights: Tensor | None = None,
+                        include_last_offset: bool = False, padding_idx: int | None = None) -> tuple[Tensor, ...]:
+    """``torch.embedding_bag`` always through ``aten._embedding_bag``: under a ``torch.func`` grad level a weight
+    that requires grad outside it takes the forward-only kernel, whose integer outputs autograd then refuses
+    ("Autograd not support dtype: Long")."""
+    if padding_idx is None:
+        padding_idx = -1
+    elif -weight.size(0) <= padding_idx < 0:
+        padding_idx += weight.size(0)
+    return torch.ops.aten._embedding_bag(weight, indices, offsets, scale_grad_by_freq, mode, sparse,
+                                         per_sample_weights, include_last_offset, padding_idx)
+
+
+def _functional_embedding_bag(input: Tensor, weight: Tensor, offsets: Tensor | None = None,  # noqa: A002
+                              max_norm: float | None = None, norm_type: float = 2, scale_grad_by_freq: bool = False,
+                              mode: str = "mean", sparse: bool = False, per_sample_weights: Tensor | None = None,
+                              include_last_offset: bool = False, padding_idx: int | None = None) -> Tensor:
+    """``F.embedding_bag`` through :func:`_aten_embedding_bag` for the plain 1-D and 2-D cases; anything else (and
+    every invalid call, for its error) goes to ``F.embedding_bag`` itself."""
+    common = (max_norm is None and mode in _BAG_MODES and input.dim() in (1, 2) and not input.is_nested
+              and not input.is_floating_point() and weight.dim() == 2
+              and (per_sample_weights is None or (mode == "sum" and per_sample_weights.shape == input.shape))
+              and (input.dim() == 2) == (offsets is None))
+    if not common:
+        return F.embedding_bag(input, weight, offsets, max_norm, norm_type, scale_grad_by_freq, mode, sparse,
+                               per_sample_weights, include_last_offset, padding_idx)
+    if input.dim() == 2:
+        offsets = torch.arange(0, input.numel(), input.size(1), dtype=input.dtype, device=input.device)
+        include_last_offset = False
+        input = input.reshape(-1)  # noqa: A001
+        if per_sample_weights is not None:
+            per_sample_weights = per_sample_weights.reshape(-1)
+    return _aten_embedding_bag(weight, input, offsets, scale_grad_by_freq, _BAG_MODES[mode], sparse,  # type: ignore[arg-type]
+                               per_sample_weights, include_last_offset, padding_idx)[0]
+
+
+_functional_embedding_bag.__name__ = "embedding_bag"
+_aten_embedding_bag.__name__ = "embedding_bag"
+
+_EMBEDDING_BAGS = {F.embedding_bag: _functional_embedding_bag, torch.embedding_bag: _aten_embedding_bag}
 
 
 class _FastSpec:
@@ -954,6 +1053,8 @@ class Tracer(TorchFunctionMode):
                 if observed is not None:
                     self.add_observation(observed, merged)
                 return merged
+        if not self.reads_activation(args, kwargs):
+            return self.constant_call(module, name, args, kwargs, observed)
         site = CallSite("module", module_index, name, module, None, None, index, self.next_order(), None)
         rule = self.offer(site)
         transparent = rule is not None and self.transparent and traits_of(rule).transparent
@@ -991,6 +1092,31 @@ class Tracer(TorchFunctionMode):
             outputs = [self.vid(leaf) for leaf in _tensor_leaves(output)]
             if len(outputs) == 1 and outputs[0] is not None and outputs[0] in self.activations:
                 self.last_layer = (ruled, module, outputs[0], name, transparent)
+        if observed is not None:
+            self.add_observation(observed, output)
+        return output
+
+    def reads_activation(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Whether a tensor among a call's arguments is an activation (depends on the model's input)."""
+        activations = self.activations
+        for leaf in flatten_call(args, kwargs)[0]:
+            if isinstance(leaf, Tensor):
+                vid = self.vid(leaf)
+                if vid is not None and vid in activations:
+                    return True
+        return False
+
+    def constant_call(self, module: torch.nn.Module, name: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                      observed: str | None) -> Any:
+        """A module call on constants alone (a learned query, a position table, an encoder fed token ids while the
+        relevance goes to the decoder's embeddings): no relevance passes through it, so it is no call site, like an
+        operation on constants; its output is a constant. A submodule or operation inside it that does read an
+        activation is a call site of its own."""
+        self.stack.append(name)
+        try:
+            output = _MODULE_CALL(module, *args, **kwargs)
+        finally:
+            self.stack.pop()
         if observed is not None:
             self.add_observation(observed, output)
         return output
@@ -1677,6 +1803,18 @@ def _merge_parameters(tracer: Tracer, call: RuledCall, layer: torch.nn.Module, b
 
 
 # ------------------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def eager_calls() -> Iterator[None]:
+    """In this thread, for a forward pass that ``torch.func`` differentiates without a tracer: a ``torch.compile``'d
+    module runs the module it wraps, and ``torch.utils.checkpoint`` runs its function directly (as while tracing)."""
+    with _patches():
+        _state.eager = getattr(_state, "eager", 0) + 1
+        try:
+            yield
+        finally:
+            _state.eager -= 1
 
 
 @contextmanager

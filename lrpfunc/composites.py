@@ -50,6 +50,9 @@ __all__ = [
 
 ZeroParams = str | Sequence[str] | None
 _MISSING = object()
+#: What a decider returns for a site that no entry matches (a rule of ``None`` is a decision: no rule).
+_UNDECIDED = object()
+Decider = Callable[[CallSite], Any]
 
 
 def _flatten_matchers(matchers: object) -> list[Matcher]:
@@ -68,15 +71,73 @@ def _entries(where: str, entries: Entries) -> tuple[tuple[tuple[Matcher, ...], R
         matchers = tuple(_flatten_matchers(matchers))
         if not matchers:
             raise TypeError(f"{where}: entry with rule {rule!r} matches no type")
-        if not callable(rule):
-            raise TypeError(f"{where}: the rule of entry {matchers!r} must be callable, got {type(rule).__name__}")
+        if rule is not None and not callable(rule):
+            raise TypeError(
+                f"{where}: the rule of entry {matchers!r} must be callable, got {type(rule).__name__} (give a rule, "
+                f"or None for no rule)"
+            )
         checked.append((matchers, rule))
     return tuple(checked)
 
 
+def _decider_of(composite: Any) -> Decider | None:
+    """A fresh streaming decider of ``composite``: its rule for each site, ``None`` where an entry gives no rule, and
+    ``_UNDECIDED`` where it has nothing to say (a composite without deciders: where it gives ``None``). ``None`` if
+    the composite only resolves whole lists of sites."""
+    make = getattr(composite, "_decider", None)
+    if callable(make):
+        return make()
+    resolve = resolver_of(composite)
+    if resolve is None:
+        return None
+    return lambda site: _undecided_if_none(resolve(site))
+
+
+def _undecided_if_none(rule: Any) -> Any:
+    return _UNDECIDED if rule is None else rule
+
+
+def _decisions(composite: Any, sites: Sequence[CallSite]) -> list[Any]:
+    """The decisions of ``composite`` (see :func:`_decider_of`) for a whole list of sites."""
+    decide = _decider_of(composite)
+    if decide is not None:
+        return [decide(site) for site in sites]
+    return [_undecided_if_none(rule) for rule in composite.resolve(sites)]
+
+
+def _rule_of(decision: Any) -> Any:
+    return None if decision is _UNDECIDED else decision
+
+
+def _resolver_from(decide: Decider | None) -> Callable[[CallSite], Rule | None] | None:
+    if decide is None:
+        return None
+    return lambda site: _rule_of(decide(site))
+
+
+def _opting_out(decide: Decider) -> Decider:
+    """``decide``, where a module call that it gives no rule by an entry (``None``) takes the sites inside that call
+    with it: its submodules and operations get no rule either (the whole call keeps its true gradient)."""
+    inside: list[str] = []
+
+    def decider(site: CallSite) -> Any:
+        name = site.name
+        for outer in inside:
+            if not outer or name == outer or name.startswith((outer + ".", outer + "/")):
+                return None
+        rule = decide(site)
+        if rule is None and site.kind == "module":
+            inside.append(name)
+        return rule
+
+    return decider
+
+
 @dataclass(frozen=True)
 class LayerMap:
-    """Rule of the first entry whose types the site matches (module class, operation label or function).
+    """Rule of the first entry whose types the site matches (module class, operation label or function); an entry
+    whose rule is ``None`` gives the sites it matches no rule (their true gradient), and no later entry (or composite
+    of :func:`mixed`) is asked.
 
     What a site matches depends only on its module (by identity), or for an operation on its function, label and
     class: the answer is cached per module and per operation signature.
@@ -91,10 +152,14 @@ class LayerMap:
     def __repr__(self) -> str:
         return _label_of(self) or f"layer_map([{_count(self.entries)}])"
 
-    def _match(self, site: CallSite) -> Rule | None:
-        return next((rule for matchers, rule in self.entries if site.matches(matchers)), None)
+    def _match(self, site: CallSite) -> Any:
+        return next((rule for matchers, rule in self.entries if site.matches(matchers)), _UNDECIDED)
 
     def rule_for(self, site: CallSite) -> Rule | None:
+        return _rule_of(self.decide(site))
+
+    def decide(self, site: CallSite) -> Any:
+        """The rule of the first matching entry (which may be ``None``), or ``_UNDECIDED`` if none matches."""
         module = site.module
         if module is not None:
             found = self._by_module.get(id(module))
@@ -108,15 +173,19 @@ class LayerMap:
         return found
 
     def resolver(self) -> Callable[[CallSite], Rule | None]:
-        return self.rule_for
+        return _resolver_from(self._decider())  # type: ignore[return-value]
+
+    def _decider(self) -> Decider:
+        return _opting_out(self.decide)
 
     def resolve(self, sites: Sequence[CallSite]) -> list[Rule | None]:
-        return [self.rule_for(site) for site in sites]
+        return _resolve_with(self.resolver(), sites)
 
 
 @dataclass(frozen=True)
 class NameMap:
-    """Rule of the first entry that lists the site's qualified name."""
+    """Rule of the first entry that lists the site's qualified name; an entry whose rule is ``None`` gives the sites
+    it lists no rule (their true gradient), and no later entry (or composite of :func:`mixed`) is asked."""
 
     entries: tuple[tuple[tuple[str, ...], Rule], ...]
 
@@ -124,13 +193,20 @@ class NameMap:
         return _label_of(self) or f"name_map([{_count(self.entries)}])"
 
     def rule_for(self, site: CallSite) -> Rule | None:
-        return next((rule for names, rule in self.entries if site.name in names), None)
+        return _rule_of(self.decide(site))
+
+    def decide(self, site: CallSite) -> Any:
+        """The rule of the first entry listing the site (which may be ``None``), or ``_UNDECIDED`` if none does."""
+        return next((rule for names, rule in self.entries if site.name in names), _UNDECIDED)
 
     def resolver(self) -> Callable[[CallSite], Rule | None]:
-        return self.rule_for
+        return _resolver_from(self._decider())  # type: ignore[return-value]
+
+    def _decider(self) -> Decider:
+        return _opting_out(self.decide)
 
     def resolve(self, sites: Sequence[CallSite]) -> list[Rule | None]:
-        return [self.rule_for(site) for site in sites]
+        return _resolve_with(self.resolver(), sites)
 
 
 def _resolve_with(resolve: Callable[[CallSite], Rule | None], sites: Sequence[CallSite]) -> list[Rule | None]:
@@ -139,7 +215,8 @@ def _resolve_with(resolve: Callable[[CallSite], Rule | None], sites: Sequence[Ca
 
 @dataclass(frozen=True)
 class FirstLayerMap:
-    """``first`` for the first site in execution order that it matches; ``rest`` for every other site."""
+    """``first`` for the first site in execution order that it matches (an entry with rule ``None`` included: that
+    site gets no rule); ``rest`` for every other site."""
 
     first: LayerMap
     rest: Composite
@@ -148,23 +225,26 @@ class FirstLayerMap:
         return _label_of(self) or f"first_layer_map([{_count(self.first.entries)}], {self.rest!r})"
 
     def resolver(self) -> Callable[[CallSite], Rule | None] | None:
-        rest = resolver_of(self.rest)
+        return _resolver_from(self._decider())
+
+    def _decider(self) -> Decider | None:
+        rest = _decider_of(self.rest)
         if rest is None:
             return None
-        first = self.first.rule_for
+        first = self.first.decide
         found = False
 
-        def resolve(site: CallSite) -> Rule | None:
+        def decide(site: CallSite) -> Any:
             nonlocal found
             rule = rest(site)
             if not found:
                 first_rule = first(site)
-                if first_rule is not None:
+                if first_rule is not _UNDECIDED:
                     found = True
                     return first_rule
             return rule
 
-        return resolve
+        return _opting_out(decide)
 
     def resolve(self, sites: Sequence[CallSite]) -> list[Rule | None]:
         streaming = self.resolver()
@@ -172,8 +252,8 @@ class FirstLayerMap:
             return _resolve_with(streaming, sites)
         resolved = list(self.rest.resolve(sites))
         for index, site in enumerate(sites):
-            rule = self.first.rule_for(site)
-            if rule is not None:
+            rule = self.first.decide(site)
+            if rule is not _UNDECIDED:
                 resolved[index] = rule
                 break
         return resolved
@@ -181,7 +261,7 @@ class FirstLayerMap:
 
 @dataclass(frozen=True)
 class Mixed:
-    """The first composite that assigns a site a rule wins."""
+    """The first composite that assigns a site a rule (or, by an entry with rule ``None``, no rule) wins."""
 
     composites: tuple[Composite, ...]
 
@@ -189,30 +269,33 @@ class Mixed:
         return _label_of(self) or f"mixed([{', '.join(repr(composite) for composite in self.composites)}])"
 
     def resolver(self) -> Callable[[CallSite], Rule | None] | None:
-        parts = [resolver_of(composite) for composite in self.composites]
+        return _resolver_from(self._decider())
+
+    def _decider(self) -> Decider | None:
+        parts = [_decider_of(composite) for composite in self.composites]
         if any(part is None for part in parts):
             return None
 
-        def resolve(site: CallSite) -> Rule | None:
-            found = None
+        def decide(site: CallSite) -> Any:
+            found = _UNDECIDED
             for part in parts:
                 rule = part(site)  # type: ignore[misc]  # every part sees every site (a first-layer map counts them)
-                if found is None:
+                if found is _UNDECIDED:
                     found = rule
             return found
 
-        return resolve
+        return decide
 
     def resolve(self, sites: Sequence[CallSite]) -> list[Rule | None]:
         streaming = self.resolver()
         if streaming is not None:
             return _resolve_with(streaming, sites)
-        resolved: list[Rule | None] = [None] * len(sites)
+        resolved: list[Any] = [_UNDECIDED] * len(sites)
         for composite in self.composites:
-            for index, rule in enumerate(composite.resolve(sites)):
-                if resolved[index] is None:
+            for index, rule in enumerate(_decisions(composite, sites)):
+                if resolved[index] is _UNDECIDED:
                     resolved[index] = rule
-        return resolved
+        return [_rule_of(rule) for rule in resolved]
 
 
 def layer_map(entries: Entries) -> LayerMap:
@@ -220,13 +303,22 @@ def layer_map(entries: Entries) -> LayerMap:
 
     A type matches module calls by ``isinstance``, operations by the label a canonizer gave them
     (:class:`lrpfunc.types.Sum`), and a torch function (``torch.add``) matches operations calling it. The
-    first matching entry wins.
+    first matching entry wins. A rule of ``None`` opts out: the sites that entry matches get no rule (the true
+    gradient), and neither a later entry nor a later composite of :func:`mixed` is asked; for a module, neither are
+    the submodules and operations inside its call (the whole module keeps its true gradient), e.g.
+    ``layer_map([(torch.nn.LayerNorm, None), (torch.nn.Linear, rules.epsilon())])``; the ``layer_map`` and
+    ``first_map`` entries of the named composites accept ``None`` alike.
     """
     return LayerMap(_entries("layer_map", entries))
 
 
 def name_map(entries: Sequence[tuple[str | Sequence[str], Rule]]) -> NameMap:
-    """Map qualified names to rules: ``name_map([(("features.0", "features.2"), rules.zplus())])``."""
+    """Map qualified names to rules: ``name_map([(("features.0", "features.2"), rules.zplus())])``.
+
+    A rule of ``None`` opts out: the sites named get no rule (the true gradient), and neither a later entry nor a
+    later composite of :func:`mixed` is asked; for a module, neither are the submodules and operations inside its
+    call (the whole module keeps its true gradient), e.g. ``mixed([name_map([("classifier", None)]), epsilon_plus()])``.
+    """
     checked = []
     for names, rule in _entries("name_map", entries):  # type: ignore[arg-type]
         flat = tuple(n for group in names for n in ((group,) if isinstance(group, str) else group))
@@ -237,14 +329,17 @@ def name_map(entries: Sequence[tuple[str | Sequence[str], Rule]]) -> NameMap:
 def first_layer_map(first_map: Entries, layer_map: Entries | Composite) -> FirstLayerMap:
     """``first_map`` for the first call site in execution order that it matches, ``layer_map`` elsewhere.
 
-    "First" is the first in the recorded execution order, not in ``named_modules()`` order.
+    "First" is the first in the recorded execution order, not in ``named_modules()`` order. An entry of
+    ``first_map`` with rule ``None`` gives that first site no rule.
     """
     rest = layer_map if isinstance(layer_map, Composite) else LayerMap(_entries("first_layer_map", layer_map))
     return FirstLayerMap(LayerMap(_entries("first_layer_map", first_map)), rest)
 
 
 def mixed(composites: Sequence[Composite]) -> Mixed:
-    """Combine composites: for each site, the first one that gives a rule wins."""
+    """Combine composites: for each site, the first one that gives a rule wins; an entry with rule ``None`` of a
+    :func:`layer_map`, :func:`name_map` or :func:`first_layer_map` decides too (no rule, later composites are not
+    asked)."""
     composites = tuple(composites)
     for composite in composites:
         if not isinstance(composite, Composite):

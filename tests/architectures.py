@@ -51,7 +51,6 @@ KNOWN_DEFECTS: dict[str, str] = {
     "batchnorm/F.conv2d": "merge_batchnorm does nothing after a functional convolution",
     "batchnorm/F.linear": "merge_batchnorm does nothing after a functional linear map",
     "index_add": "index_add gets the true gradient and duplicates relevance",
-    "constant_norm": "RuleError from the normalization rule on a LayerNorm of a constant",
     "zero_output": "epsilon 0 drops the relevance seeded on outputs that are exactly zero",
 }
 
