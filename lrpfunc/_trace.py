@@ -1342,6 +1342,9 @@ class Tracer(TorchFunctionMode):
             self.last_layer = None
         if self.replacers:
             fn = self.replaced(fn)
+        # the tensor an in-place operation writes to, as the model sees it (the calls below replace leaves by
+        # lowered or lifted tensors)
+        target = leaves[0] if mutates and leaves else None
         call = self.call
         if call is not None:
             result = self.inside_call(call, func, fn, leaves, spec, act, vids)
@@ -1349,8 +1352,7 @@ class Tracer(TorchFunctionMode):
             result = self.outside_call(func, fn, leaves, spec, act, vids)
         else:
             result = self.static_op(fn, leaves, spec)
-        if mutates and isinstance(leaves[0], Tensor):
-            target = leaves[0]
+        if isinstance(target, Tensor):
             if result is not target and isinstance(result, Tensor):
                 self._mark_bases_stale(target, op_name(func))
                 self.keep_alive.append(target)
@@ -1561,7 +1563,11 @@ class Tracer(TorchFunctionMode):
             for position in act:
                 vid = vids[position]
                 if vid in self.pending_cut:
-                    leaf_vid = self.lift_cut(vid)  # type: ignore[arg-type]
+                    self.lift_cut(vid)  # type: ignore[arg-type]
+                # a cut lifted now or for an earlier operand of this operation (``cat([h, h.tanh_()])`` reads the
+                # in-place result twice): its leaf
+                leaf_vid = self.leaf_of.get(vid)  # type: ignore[arg-type]
+                if leaf_vid is not None:
                     leaves[position] = self.tensors[leaf_vid]
                     vids[position] = leaf_vid
             call_args, call_kwargs = unflatten_call(spec, leaves)

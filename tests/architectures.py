@@ -40,13 +40,6 @@ T_ = TypeVar("T_")
 #: ``"piece"`` or ``"piece/form"`` -> the defect it shows on the current engine. Left out of the CI sample (and
 #: listed in the survey as expected failures) until the defect is fixed; delete the entry with the fix.
 KNOWN_DEFECTS: dict[str, str] = {
-    "inplace_aliased": "in-place activation read through another reference: output changes under a rule "
-                       "(attnlrp, epsilon_plus), KeyError for cat([h, h.tanh_()])",
-    "inplace/relu_": "h.relu_() under a rule changes the forward output",
-    "inplace/tanh_": "h.tanh_() under a rule changes the forward output",
-    "inplace/clamp_": "h.clamp_(min=0) under a rule changes the forward output",
-    "inplace/leaky_relu_": "F.leaky_relu_ under a rule changes the forward output",
-    "inplace/F.silu(inplace)": "F.silu(inplace=True) under a rule changes the forward output",
     "batchnorm/read_outside": "merge_batchnorm with the conv output also read outside its BatchNorm: wrong relevance",
     "batchnorm/F.conv2d": "merge_batchnorm does nothing after a functional convolution",
     "batchnorm/F.linear": "merge_batchnorm does nothing after a functional linear map",
