@@ -20,7 +20,8 @@ class               operations                                                  
 :class:`Scale`      multiplication or division by a non-activation, negation     ``norm``
 :class:`Shift`      addition or subtraction of a non-activation (a bias)         ``norm``
 :class:`BatchNorm`  ``batch_norm`` with running statistics (eval mode)           ``passthrough`` (as Zennit)
-:class:`Sum`        sum of activations (``a + b``, ``out += identity``)          ``norm`` (the sum rule)
+:class:`Sum`        sum of activations (``a + b``, ``out += identity``,          ``norm`` (the sum rule)
+                    ``index_add``/``scatter_add``/``index_put(accumulate)``)
 :class:`Product`    product of activations (``a * b``, ``a @ b``, gates)         ``uniform``
 :class:`Elementwise` element-wise nonlinearities (ReLU, GELU, SiLU, tanh, ...)   ``passthrough`` (identity)
 :class:`Normalization` ``layer_norm``, ``group_norm``, ``rms_norm``, training     ``normalization``
@@ -219,6 +220,26 @@ def _add(args: Sequence[Any], kwargs: Mapping[str, Any], is_activation: IsActiva
     return _binary(Sum, Shift, "bias")(args, kwargs, is_activation)
 
 
+def _accumulating(position: int, name: str, flag: tuple[int, str] | None = None) -> Classifier:
+    """``op(base, ..., source)`` that adds ``source`` into ``base`` at indices (``index_add``, ``scatter_add``,
+    ``index_put(..., accumulate=True)``; how mixtures of experts gather their experts' outputs): a sum of activations
+    when both are (several source elements may add into one output element: the sum rule splits among them all), else a
+    shift by the constant operand (``"bias"``); with the ``flag`` argument false (``index_put`` without accumulate) it
+    overwrites: data movement."""
+
+    def classify_(args: Sequence[Any], kwargs: Mapping[str, Any], is_activation: IsActivation) -> OpInfo:
+        if flag is not None and not _arg(args, kwargs, flag[0], flag[1], False):
+            return OpInfo(DataMovement, _NO_PARAMS)
+        base, source = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, position, name)
+        active = [is_activation(base), is_activation(source)]
+        if all(active):
+            return OpInfo(Sum, _NO_PARAMS)
+        other = source if active[0] else base
+        return OpInfo(Shift, {"bias": other} if isinstance(other, Tensor) else _NO_PARAMS)
+
+    return classify_
+
+
 def _mul(args: Sequence[Any], kwargs: Mapping[str, Any], is_activation: IsActivation) -> OpInfo:
     return _binary(Product, Scale, "weight")(args, kwargs, is_activation)
 
@@ -382,6 +403,12 @@ def _register_builtins() -> None:
         register(func, _add)
     for func in _all("sub subtract") + [Tensor.__sub__, Tensor.__isub__, Tensor.sub_]:
         register(func, _add)
+    for func in _all("index_add index_add_"):
+        register(func, _accumulating(3, "source"))
+    for func in _all("scatter_add scatter_add_"):
+        register(func, _accumulating(3, "src"))
+    for func in _all("index_put index_put_"):
+        register(func, _accumulating(2, "values", flag=(3, "accumulate")))
     for func in _all("rsub") + [Tensor.__rsub__]:
         register(func, _rsub)
     for func in _all("mul multiply") + [Tensor.__mul__, Tensor.__rmul__, Tensor.__imul__, Tensor.mul_]:
@@ -431,8 +458,8 @@ def _register_builtins() -> None:
         "hstack vstack dstack split split_with_sizes tensor_split chunk unbind narrow select index_select gather "
         "take_along_dim __getitem__ pad contiguous clone to float double half bfloat16 type type_as flip fliplr flipud "
         "roll dropout dropout1d dropout2d dropout3d alpha_dropout feature_alpha_dropout pixel_shuffle pixel_unshuffle "
-        "diagonal triu tril unfold fold narrow_copy as_strided alias detach masked_select index_put index_put_ "
-        "scatter scatter_add diag_embed channel_shuffle cumsum"
+        "diagonal triu tril unfold fold narrow_copy as_strided alias detach masked_select "
+        "scatter diag_embed channel_shuffle cumsum"
     )
     for func in _all(movement) + [Tensor.__setitem__]:
         register(func, DataMovement)

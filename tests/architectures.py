@@ -43,7 +43,6 @@ KNOWN_DEFECTS: dict[str, str] = {
     "batchnorm/read_outside": "merge_batchnorm with the conv output also read outside its BatchNorm: wrong relevance",
     "batchnorm/F.conv2d": "merge_batchnorm does nothing after a functional convolution",
     "batchnorm/F.linear": "merge_batchnorm does nothing after a functional linear map",
-    "index_add": "index_add gets the true gradient and duplicates relevance",
     "zero_output": "epsilon 0 drops the relevance seeded on outputs that are exactly zero",
 }
 

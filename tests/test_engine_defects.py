@@ -223,3 +223,73 @@ def test_in_place_operations_differentiate_like_their_twin(cls: type) -> None:
     report = lrpfunc.conservation(model, composites.attnlrp())(_params(model), x, grad_output)
     _, relevance = lrpfunc.attribute(model, composites.attnlrp())(_params(model), x, grad_output)
     assert report.total_out == pytest.approx(float(relevance.detach().sum()), rel=1e-9, abs=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# accumulating scatters (how mixtures of experts gather their experts' outputs) take the sum rule
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class MixtureOfExperts(nn.Module):
+    """Top-k routing; the experts' outputs, scaled by their routing weights, gathered with ``index_add`` (Mixtral,
+    Qwen-MoE) or, ``dense=True``, by a constant 0/1 matrix per expert and a sum over experts: the same function, whose
+    rules written out (the sum rule over the experts, epsilon 0 through the matrix) equal the sum rule of the scatter."""
+
+    def __init__(self, top: int, dense: bool = False, experts: int = 3, width: int = 4) -> None:
+        super().__init__()
+        self.router = nn.Linear(width, experts, bias=False)
+        self.experts = nn.ModuleList(nn.Linear(width, width, bias=False) for _ in range(experts))
+        self.head = nn.Linear(width, 2, bias=False)
+        self.top, self.dense = top, dense
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights = self.router(x).softmax(-1)
+        chosen = weights.topk(self.top, -1).indices
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tokens = (chosen == e).any(-1).nonzero()[:, 0]
+            values = expert(x[tokens]) * weights[tokens, e, None]
+            if self.dense:
+                out = out + F.one_hot(tokens, x.shape[0]).to(x.dtype).T @ values
+            else:
+                out = out.index_add(0, tokens, values)
+        return self.head(out)
+
+
+@pytest.mark.parametrize("top", [1, 2])
+def test_index_add_takes_the_sum_rule_like_the_dense_mixture(top: int) -> None:
+    torch.manual_seed(3)
+    model = MixtureOfExperts(top).to(D)
+    dense = MixtureOfExperts(top, dense=True).to(D)
+    dense.load_state_dict(model.state_dict())
+    x = torch.randn(6, 4, dtype=D)
+    grad_output = torch.randn(6, 2, dtype=D)
+    torch.testing.assert_close(model(x), dense(x), rtol=1e-13, atol=1e-13)
+    table = lrpfunc.rule_table(model, composites.cp_lrp(), x)
+    assert any(site.kind == "op" and site.func is torch.Tensor.index_add and site.op_class is lrpfunc.ops.Sum
+               for site, _ in table.rows)
+    for composite in (composites.cp_lrp(), composites.attnlrp()):
+        _, relevance = lrpfunc.attribute(model, composite)(_params(model), x, grad_output)
+        _, expected = lrpfunc.attribute(dense, composite)(_params(dense), x, grad_output)
+        torch.testing.assert_close(relevance, expected, rtol=1e-10, atol=1e-12)
+    # CP-LRP holds the routing weights: the bias-free mixture conserves (0.2.0 counted each expert's share twice)
+    _, relevance = lrpfunc.attribute(model, composites.cp_lrp())(_params(model), x, grad_output)
+    assert float(relevance.detach().sum()) == pytest.approx(float(grad_output.sum()), rel=1e-10)
+
+
+def test_index_add_with_repeated_indices_conserves() -> None:
+    class Gather(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 2, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.lin(x)
+            return torch.zeros_like(h).index_add(1, torch.tensor([0, 0]), h)
+
+    model = Gather().to(D)
+    x = torch.randn(2, 3, dtype=D)
+    grad_output = torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=D)
+    composite = composites.layer_map([((nn.Linear, lrpfunc.ops.Sum, lrpfunc.ops.Shift), lrpfunc.rules.epsilon(0.0))])
+    _, relevance = lrpfunc.attribute(model, composite)(_params(model), x, grad_output)
+    assert float(relevance.detach().sum()) == pytest.approx(2.0, rel=1e-12)
