@@ -84,20 +84,14 @@ class Liveness:
     first_push: dict[int, int]
 
 
-def _reads(step: Any) -> Iterator[int]:
+def _reads(step: Any, low: Mapping[int, Tensor]) -> Iterator[int]:
     """The value ids whose recorded values (``Trace.low``, ``Trace.tensors``) the sweep may read at ``step``."""
     kind = type(step)
     if kind is RuledCall:
         yield from step.inputs
         yield from step.outputs
         yield from step.param_vids.values()
-        for node in step.nodes:  # a replay reads recorded constants and (statistics held) recorded values
-            for leaf in node.leaves:
-                if type(leaf) is Ref:
-                    yield leaf.vid
-            for leaf in node.output_leaves:
-                if type(leaf) is Ref:
-                    yield leaf.vid
+        yield from _replay_reads(step, low)
     elif kind is Observation:
         yield from step.vids
     elif kind is Split:
@@ -105,6 +99,31 @@ def _reads(step: Any) -> Iterator[int]:
     else:
         yield from step.inputs
         yield from step.outputs
+
+
+def _replay_reads(step: RuledCall, low: Mapping[int, Tensor]) -> Iterator[int]:
+    """The recorded values that a replay of ``step``'s operations reads (:func:`_forward_of`, the transposes): the
+    operands that no operation of the call made (constants), and with the statistics held the input of a held
+    normalisation and the values with fewer elements than the call's largest input (:func:`_replay_holding_statistics`).
+    A value that an operation of the call made is otherwise replayed, never read."""
+    made: set[int] = set()
+    for node in step.nodes:
+        for leaf in node.leaves:
+            if type(leaf) is Ref and leaf.vid not in made:
+                yield leaf.vid
+        for leaf in node.output_leaves:
+            if type(leaf) is Ref:
+                made.add(leaf.vid)
+    if not made:
+        return
+    reference = max((low[vid].numel() for vid in step.inputs if vid in low), default=0)
+    for node in step.nodes:
+        if node.op_class is _ops.Normalization and node.func in _normalization.HELD and node.inputs:
+            yield node.inputs[0]
+        for vid in node.outputs:
+            value = low.get(vid)
+            if value is None or value.numel() < reference:
+                yield vid
 
 
 def liveness(trace: Trace, seeds: Sequence[int]) -> Liveness:
@@ -123,7 +142,7 @@ def liveness(trace: Trace, seeds: Sequence[int]) -> Liveness:
     piece_of = trace.piece_of
     for index in range(len(steps) - 1, -1, -1):
         step = steps[index]
-        for vid in _reads(step):
+        for vid in _reads(step, low):
             first_reader[vid] = index
         kind = type(step)
         if kind is Split:
