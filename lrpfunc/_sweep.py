@@ -231,12 +231,12 @@ def sweep(
             low.pop(vid, None)
 
     def free_piece(root: int) -> None:
-        """Drop the sinks and leaves of a piece pulled back for the last time (a sink that a step still to come
-        reads waits for it)."""
+        """Drop the sinks and leaves of a piece pulled back for the last time (a sink that the step being processed
+        or one still to come reads waits for it)."""
         piece_leaves.pop(root, None)
         for vid in piece_values.pop(root, ()):
             reader = first_reader.get(vid, _NEVER)
-            if reader < at:
+            if reader <= at:  # the step being processed may read it after this pullback
                 expire.setdefault(reader, []).append(vid)
             else:
                 tensors.pop(vid, None)
