@@ -8,11 +8,17 @@ because every step that reads those outputs comes later in execution order and h
 
 Everything here runs at the caller's level: outer ``torch.func`` transforms differentiate, batch and take
 Jacobians of the sweep like of any other function.
+
+The sweep frees as it goes (:func:`liveness`): a recorded value that no step reads is dropped before it starts (inside
+a piece the autograd graph keeps what its pullback needs, as for a gradient), a value that steps read is dropped
+after the last of them in the sweep's order (the first in execution order), and a piece's sinks, leaves and graph
+after its last pullback. A trace is swept once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -25,7 +31,7 @@ from ._trace import Node, Observation, OpStep, Ref, RuledCall, Split, Trace, unf
 
 Tensor = torch.Tensor
 
-__all__ = ["Rule", "sweep", "Observer", "rule_name"]
+__all__ = ["Rule", "sweep", "Observer", "rule_name", "liveness", "Liveness"]
 
 
 class Observer(Protocol):
@@ -41,6 +47,121 @@ def rule_name(rule: Any) -> str:
 def _accumulate(store: dict[Any, Tensor], key: Any, value: Tensor) -> None:
     previous = store.get(key)
     store[key] = value if previous is None else previous + value
+
+
+_NEVER = 1 << 62  # a step index after every step: "no such step"
+
+
+@dataclass(eq=False, slots=True)
+class Liveness:
+    """When the sweep may drop each recorded value of a :class:`~lrpfunc._trace.Trace`.
+
+    Attributes:
+        first_reader: Value id to the index of the first step in execution order that reads it: the last one the
+            (reverse) sweep processes.
+        expire: Step index to the values (outside pieces) to drop once the sweep has processed that step.
+        piece_values: Root of a piece to its values that outlive the start of the sweep (its sinks: values that steps
+            read or seeds start at); dropped after the piece's last pullback, or after their first reader if later.
+        first_push: Root of a piece to the index of the first step in execution order that pushes a cotangent into it
+            (a :class:`~lrpfunc._trace.Split` or an :class:`~lrpfunc._trace.Observation`): a pullback of the piece
+            while processing a step before which no push remains is its last.
+    """
+
+    first_reader: dict[int, int]
+    expire: dict[int, list[int]]
+    piece_values: dict[int, list[int]]
+    first_push: dict[int, int]
+
+
+def _reads(step: Any, low: Mapping[int, Tensor]) -> Iterator[int]:
+    """The value ids whose recorded values (``Trace.low``, ``Trace.tensors``) the sweep may read at ``step``."""
+    kind = type(step)
+    if kind is RuledCall:
+        yield from step.inputs
+        yield from step.outputs
+        yield from step.param_vids.values()
+        yield from _replay_reads(step, low)
+    elif kind is Observation:
+        yield from step.vids
+    elif kind is Split:
+        yield step.vid
+    else:
+        yield from step.inputs
+        yield from step.outputs
+
+
+def _replay_reads(step: RuledCall, low: Mapping[int, Tensor]) -> Iterator[int]:
+    """The recorded values that a replay of ``step``'s operations reads (:func:`_forward_of`, the transposes): the
+    operands that no operation of the call made (constants), and with the statistics held the input of a held
+    normalisation and the values with fewer elements than the call's largest input (:func:`_replay_holding_statistics`).
+    A value that an operation of the call made is otherwise replayed, never read."""
+    made: set[int] = set()
+    for node in step.nodes:
+        for leaf in node.leaves:
+            if type(leaf) is Ref and leaf.vid not in made:
+                yield leaf.vid
+        for leaf in node.output_leaves:
+            if type(leaf) is Ref:
+                made.add(leaf.vid)
+    if not made:
+        return
+    reference = max((low[vid].numel() for vid in step.inputs if vid in low), default=0)
+    for node in step.nodes:
+        if node.op_class is _ops.Normalization and node.func in _normalization.HELD and node.inputs:
+            yield node.inputs[0]
+        for vid in node.outputs:
+            value = low.get(vid)
+            if value is None or value.numel() < reference:
+                yield vid
+
+
+def liveness(trace: Trace, seeds: Sequence[int]) -> Liveness:
+    """Plan when the sweep from ``seeds`` (value ids) frees each value of ``trace``, and drop right away the values
+    that it never reads.
+
+    Kept for the whole sweep: the inputs (their relevance is read at the end) and the parameters (the caller's). A
+    value outside pieces (a ruled call's output or inner value, a constant, a value on the per-operation tape) lives
+    until its first reader in execution order; one that no step reads goes now. A value inside a piece is read only
+    as a sink of the piece's pullback (a seed, a value that a ruled call or an observation reads): the others go now
+    (the graph saves what the pullback needs), the sinks after the piece's last pullback.
+    """
+    steps, tensors, low = trace.steps, trace.tensors, trace.low
+    first_reader: dict[int, int] = {}
+    first_push: dict[int, int] = {}
+    piece_of = trace.piece_of
+    for index in range(len(steps) - 1, -1, -1):
+        step = steps[index]
+        for vid in _reads(step, low):
+            first_reader[vid] = index
+        kind = type(step)
+        if kind is Split:
+            first_push[trace.find(piece_of[step.vid])] = index
+        elif kind is Observation:
+            for vid, push in zip(step.vids, step.push):
+                if push:
+                    first_push[trace.find(piece_of[vid])] = index
+    keep = {vid for vid in trace.input_ids if vid is not None}
+    keep.update(trace.param_names)
+    seeded = set(seeds)
+    expire: dict[int, list[int]] = {}
+    piece_values: dict[int, list[int]] = {}
+    per_op = trace.tape.per_op
+    for vid in list(tensors.keys() | low.keys()):
+        if vid in keep:
+            continue
+        index = first_reader.get(vid)
+        if not per_op and vid in piece_of:
+            if index is not None or vid in seeded:
+                piece_values.setdefault(trace.find(piece_of[vid]), []).append(vid)
+                continue
+        elif index is not None:
+            expire.setdefault(index, []).append(vid)
+            continue
+        elif vid in seeded:
+            continue
+        tensors.pop(vid, None)
+        low.pop(vid, None)
+    return Liveness(first_reader, expire, piece_values, first_push)
 
 
 def sweep(
@@ -94,6 +215,26 @@ def sweep(
         raise ValueError("sweep: parameter relevance and a recorder need every rule in relevance form (gradient_form=False)")
 
     per_op = tape.per_op
+    plan = liveness(trace, [vid for vid, _ in seeds])
+    first_reader, expire, piece_values, first_push = plan.first_reader, plan.expire, plan.piece_values, plan.first_push
+    at = len(trace.steps)  # the index (in execution order) of the step being processed
+
+    def drop(vids: Sequence[int]) -> None:
+        for vid in vids:
+            tensors.pop(vid, None)
+            low.pop(vid, None)
+
+    def free_piece(root: int) -> None:
+        """Drop the sinks and leaves of a piece pulled back for the last time (a sink that the step being processed
+        or one still to come reads waits for it)."""
+        piece_leaves.pop(root, None)
+        for vid in piece_values.pop(root, ()):
+            reader = first_reader.get(vid, _NEVER)
+            if reader <= at:  # the step being processed may read it after this pullback
+                expire.setdefault(reader, []).append(vid)
+            else:
+                tensors.pop(vid, None)
+                low.pop(vid, None)
 
     def value_of(vid: int) -> Tensor:
         found = low.get(vid)
@@ -117,7 +258,10 @@ def sweep(
 
     def flush(root: int) -> None:
         sinks, gsinks = pending.pop(root, None), gpending.pop(root, None)
+        last = first_push.get(root, _NEVER) > at  # no cotangent will arrive in this piece any more
         if not sinks and not gsinks:
+            if last:
+                free_piece(root)
             return
         if root in gradients:  # transparent calls: gradients (relevance arriving is divided by its value)
             merged = dict(gsinks or {})
@@ -132,7 +276,10 @@ def sweep(
             for vid, value in (gsinks or {}).items():
                 _accumulate(sinks, vid, relevance_of(vid, value))
         leaves = piece_leaves[root]
-        grads = tape.pullback([tensors[vid] for vid in sinks], [leaf for _, leaf in leaves], list(sinks.values()))
+        grads = tape.pullback([tensors[vid] for vid in sinks], [leaf for _, leaf in leaves], list(sinks.values()),
+                              release=last)
+        if last:
+            free_piece(root)
         target = gcot if gradient else cot
         for (source, _), grad in zip(leaves, grads):
             if grad is not None:
@@ -153,7 +300,12 @@ def sweep(
 
     for vid, value in seeds:
         add(vid, value)
-    for step in reversed(trace.steps):
+    steps = trace.steps
+    for at in range(len(steps) - 1, -1, -1):
+        done = expire.pop(at + 1, None)  # the step processed before (the loop's body continues early)
+        if done is not None:
+            drop(done)
+        step = steps[at]
         if type(step) is RuledCall:
             outputs = step.outputs
             for vid in outputs:
@@ -169,6 +321,7 @@ def sweep(
                         grad = quotient if grad is None else grad + quotient
                     grads.append(grad)
                 if all(grad is None for grad in grads):
+                    step.release()
                     continue
                 call = make_call(trace, step, False)
                 results = _gradient_rule(step, call, tuple(
@@ -187,12 +340,15 @@ def sweep(
                     if recorder is not None:
                         recorder(step.site, rule, (grad,), (grad,))
                     add(step.inputs[0], grad)
+                    step.release()
                     continue
                 if grad is None:
+                    step.release()
                     continue
                 cot[vid] = grad  # a shape the rule refuses: let it say so
             grads = [as_relevance(vid) for vid in outputs]
             if all(grad is None for grad in grads):
+                step.release()
                 continue
             grad_outputs = tuple(
                 torch.zeros_like(low[vid]) if grad is None else grad for vid, grad in zip(outputs, grads)
@@ -248,16 +404,25 @@ def sweep(
                 torch.zeros_like(tensors[vid]) if grad is None else grad for vid, grad in zip(step.outputs, grads)
             )
             pulled = step.pullback(grad_outputs)
+            step.pullback = _spent  # the sweep reaches every step once: free what the pullback saved
             if recorder is not None:
                 recorder(step.site, None, grad_outputs, pulled)
             for vid, grad in zip(step.inputs, pulled):
                 if grad is not None:
                     add(vid, grad, gradient=gradient)
+    done = expire.pop(0, None)
+    if done is not None:
+        drop(done)
+    at = -1
     for root in list(pending.keys() | gpending.keys()):
         flush(root)
     for vid in list(gcot):
         cot[vid] = as_relevance(vid)  # type: ignore[assignment]
     return cot
+
+
+def _spent(grad_outputs: Any) -> Any:
+    raise RuntimeError("lrpfunc._sweep: a step's pullback ran twice; a trace is swept once")
 
 
 def _finite(value: Tensor) -> Tensor:

@@ -68,18 +68,24 @@ class Tape:
         operations inside it lowered tensors)."""
         return contextlib.nullcontext()
 
-    def pullback(self, outputs: Sequence[Tensor], inputs: Sequence[Tensor], cotangents: Sequence[Tensor]) -> list[Tensor | None]:
-        """``(d outputs / d inputs)^T cotangents`` through the tape; ``None`` where an input is not reached."""
+    def pullback(self, outputs: Sequence[Tensor], inputs: Sequence[Tensor], cotangents: Sequence[Tensor], *,
+                 release: bool = False) -> list[Tensor | None]:
+        """``(d outputs / d inputs)^T cotangents`` through the tape; ``None`` where an input is not reached.
+
+        ``release``: this is the last pullback through this part of the graph, which may free what it saved (unless
+        the pullback itself is differentiated: then the graph stays for the caller's transforms).
+        """
         pairs = [(out, cot) for out, cot in zip(outputs, cotangents) if out.requires_grad]
         if not pairs or not inputs:
             return [None] * len(inputs)
+        create_graph = self._create_graph()
         return list(
             torch.autograd.grad(
                 [out for out, _ in pairs],
                 list(inputs),
                 [cot for _, cot in pairs],
-                retain_graph=True,
-                create_graph=self._create_graph(),
+                retain_graph=create_graph or not release,
+                create_graph=create_graph,
                 allow_unused=True,
             )
         )
@@ -140,7 +146,8 @@ class VjpTape(Tape):
     per_op = True
     name = "vjp"
 
-    def pullback(self, outputs: Sequence[Tensor], inputs: Sequence[Tensor], cotangents: Sequence[Tensor]) -> list[Tensor | None]:
+    def pullback(self, outputs: Sequence[Tensor], inputs: Sequence[Tensor], cotangents: Sequence[Tensor], *,
+                 release: bool = False) -> list[Tensor | None]:
         raise RuntimeError("VjpTape has no shared graph: every operation carries its own pullback")
 
     @staticmethod

@@ -16,13 +16,17 @@ calling thread is tracing: ``torch.nn.Module.__call__`` (module calls) and ``tor
   without a rule first reads it, so the operations between ruled calls form *pieces* whose pullbacks are one
   :func:`torch.autograd.grad` call each (:mod:`lrpfunc._sweep`),
 * runs in-place operations out of place (recorded values never change) and lets later reads of the mutated
-  tensor see the new value.
+  tensor see the new value,
+* holds the values inside pieces weakly until something makes them a cut (a ruled call or an observation reads
+  them, the model returns them): the tape's graph saves what their pullback needs, as for a gradient, and a value
+  the model dropped can never be read again.
 """
 
 from __future__ import annotations
 
 import inspect
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -870,6 +874,9 @@ class Tracer(TorchFunctionMode):
         # values
         self.vid_of: dict[int, int] = {}
         self.tensors: dict[int, Tensor] = {}
+        #: Values inside pieces that no cut holds yet, held weakly (a dead one leaves ``vid_of``).
+        self.weak: dict[int, weakref.ref[Tensor]] = {}
+        self.next_vid = 0
         self.low: dict[int, Tensor] = {}
         self.activations: set[int] = set()
         self.owner: dict[int, RuledCall] = {}
@@ -919,12 +926,45 @@ class Tracer(TorchFunctionMode):
 
     # values ---------------------------------------------------------------------------------------------------
     def register(self, tensor: Tensor, *, activation: bool) -> int:
-        vid = len(self.tensors)
+        vid = self.next_vid
+        self.next_vid = vid + 1
         self.tensors[vid] = tensor
         self.vid_of[id(tensor)] = vid
         if activation:
             self.activations.add(vid)
         return vid
+
+    def value(self, vid: int) -> Tensor:
+        """The tensor of value ``vid``, held strongly or (inside a piece) weakly."""
+        found = self.tensors.get(vid)
+        if found is None:
+            found = self.weak[vid]()
+            if found is None:
+                raise RuntimeError(f"lrpfunc._trace: value {vid} was read after it was freed")
+        return found
+
+    def hold_weakly(self, vids: Sequence[int]) -> None:
+        """Hold the new values ``vids`` inside a piece weakly: when the model drops one, nothing can read it again, and
+        it leaves ``vid_of`` (before its id can be reused)."""
+        tensors, weak, vid_of = self.tensors, self.weak, self.vid_of
+        for vid in vids:
+            tensor = tensors.pop(vid)
+            key = id(tensor)
+
+            def forget(_: Any, key: int = key, vid: int = vid) -> None:
+                if vid_of.get(key) == vid:
+                    del vid_of[key]
+                weak.pop(vid, None)
+
+            weak[vid] = weakref.ref(tensor, forget)
+
+    def hold(self, vid: int) -> Tensor:
+        """Hold value ``vid`` strongly from now on (it became a cut or an output: the sweep reads it)."""
+        found = self.tensors.get(vid)
+        if found is None:
+            found = self.tensors[vid] = self.value(vid)
+            del self.weak[vid]
+        return found
 
     def resolve(self, tensor: Tensor) -> Tensor:
         """The tensor to use for ``tensor``: the caller's parameter, the latest value after in-place operations, or
@@ -942,7 +982,7 @@ class Tracer(TorchFunctionMode):
         """The caller-level tensor of value ``vid`` (cached)."""
         found = self.low.get(vid)
         if found is None:
-            found = self.low[vid] = self.tape.lower(self.tensors[vid])
+            found = self.low[vid] = self.tape.lower(self.value(vid))
         return found
 
     def add_input(self, tensor: Tensor) -> int:
@@ -1143,7 +1183,7 @@ class Tracer(TorchFunctionMode):
             if not isinstance(leaf, Tensor):
                 continue
             vid = self.vid(leaf)
-            if vid is None or vid not in self.activations or not _is_float(self.tensors[vid]):
+            if vid is None or vid not in self.activations or not _is_float(self.value(vid)):
                 continue
             if self.owner.get(vid) is not ruled:
                 leaves[position] = self.passed_through(ruled, vid)
@@ -1187,12 +1227,13 @@ class Tracer(TorchFunctionMode):
         call.index_of.setdefault(vid, index)
         self.lower(vid)
         if vid not in self.cut and not self.per_op and vid not in self.origin:
+            self.hold(vid)
             self.cut.add(vid)  # a value inside a piece: split the piece here
             self.pending_cut.add(vid)
             self.steps.append(Split(vid))
         lifted = None
         if not call.quiet and not self.per_op:
-            tensor = self.tensors[vid]
+            tensor = self.value(vid)
             fresh = tensor.grad_fn is None and tensor.requires_grad and vid not in call.lifted_vids()
             lifted = tensor if fresh else self.tape.lift(tensor)
         call.lifted.append(lifted)
@@ -1268,8 +1309,9 @@ class Tracer(TorchFunctionMode):
         vids, push = [], []
         for leaf in _tensor_leaves(output):
             vid = self.vid(leaf)
-            if vid is None or vid not in self.activations or not _is_float(self.tensors[vid]):
+            if vid is None or vid not in self.activations or not _is_float(self.value(vid)):
                 continue
+            self.hold(vid)
             vids.append(vid)
             self.lower(vid)  # the sweep reads its value (relevance = value * gradient)
             first = vid not in self.observed
@@ -1366,7 +1408,7 @@ class Tracer(TorchFunctionMode):
         tensors = self.tensors
         if type(result) is Tensor or isinstance(result, Tensor):
             existing = self.vid_of.get(id(result))
-            if existing is not None and tensors[existing] is result:
+            if existing is not None and self.value(existing) is result:
                 return [Ref(existing)], []
             is_float = activation and _is_float(result)
             vid = self.register(result, activation=is_float)
@@ -1376,7 +1418,7 @@ class Tracer(TorchFunctionMode):
         for leaf in optree.tree_leaves(result, none_is_leaf=True):
             if isinstance(leaf, Tensor):
                 existing = self.vid_of.get(id(leaf))
-                if existing is not None and tensors[existing] is leaf:
+                if existing is not None and self.value(existing) is leaf:
                     refs.append(Ref(existing))
                     continue
                 is_float = _is_float(leaf)
@@ -1573,7 +1615,8 @@ class Tracer(TorchFunctionMode):
             call_args, call_kwargs = unflatten_call(spec, leaves)
             result = _run(fn, call_args, call_kwargs, self.stack)
             if type(result) is Tensor and id(result) not in self.vid_of:
-                vid = len(self.tensors)
+                vid = self.next_vid
+                self.next_vid = vid + 1
                 self.tensors[vid] = result
                 self.vid_of[id(result)] = vid
                 if result.is_floating_point() or result.is_complex():
@@ -1595,6 +1638,7 @@ class Tracer(TorchFunctionMode):
                     self.mark_piece(piece, True)
                 elif not _ops.moves_values(func, op_class):  # its pullback is not a mere move of the cotangent
                     self.mark_piece(piece, False)
+                self.hold_weakly(outputs)
         if outputs:
             source = op_class
             if source is _ops.DataMovement or source is None:
@@ -1653,13 +1697,15 @@ class Tracer(TorchFunctionMode):
         for vid in output_ids:
             if vid is not None and vid in self.stale:
                 raise NotImplementedError(self.stale[vid])
+            if vid is not None:
+                self.hold(vid)  # the sweep starts there
         lowered = optree.tree_map(
             lambda leaf: self.lower(self.vid_of[id(leaf)]) if isinstance(leaf, Tensor) and id(leaf) in self.vid_of
             else (self.tape.lower(leaf) if isinstance(leaf, Tensor) else leaf),
             output,
             none_is_leaf=True,
         )
-        return Trace(
+        trace = Trace(
             tape=self.tape,
             steps=self.steps,
             tensors=self.tensors,
@@ -1680,6 +1726,8 @@ class Tracer(TorchFunctionMode):
             output_ids=output_ids,
             sites=self.sites,
         )
+        self.weak = {}  # the values still held weakly are no cut: the sweep never reads them
+        return trace
 
 
 def _run(fn: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any], stack: Sequence[str]) -> Any:
