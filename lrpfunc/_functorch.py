@@ -18,6 +18,7 @@ import torch
 
 __all__ = [
     "AVAILABLE",
+    "UNAVAILABLE_REASON",
     "transforms_active",
     "values_only",
     "open_level",
@@ -43,8 +44,11 @@ try:
 
     _are_transforms_active = torch._C._are_functorch_transforms_active
     AVAILABLE = True
-except (ImportError, AttributeError):  # pragma: no cover - exercised only on a torch without these APIs
+    #: Why :data:`AVAILABLE` is false (empty while it is true).
+    UNAVAILABLE_REASON = ""
+except (ImportError, AttributeError) as missing:  # exercised only on a torch without these APIs
     AVAILABLE = False
+    UNAVAILABLE_REASON = f"a private API is missing: {missing}"
 
 
 def _works() -> bool:
@@ -73,8 +77,9 @@ def _works() -> bool:
         return False
 
 
-if AVAILABLE:
-    AVAILABLE = _works()
+if AVAILABLE and not _works():
+    AVAILABLE = False
+    UNAVAILABLE_REASON = "the private APIs do not behave as the level tape needs (wrap, differentiate, unwrap, grad)"
 
 
 def transforms_active() -> bool:

@@ -1,15 +1,11 @@
-"""The process-wide patches of ``Module.__call__`` and ``Function.apply`` live only while a trace runs."""
+"""Custom autograd functions inside a trace (the ``Function.apply`` patch; its restoration: test_torch_patches.py)."""
 
 from __future__ import annotations
 
-import inspect
-
-import pytest
 import torch
 from torch import nn
 
 import lrpfunc
-from lrpfunc import composites
 
 
 class Double(torch.autograd.Function):
@@ -29,39 +25,12 @@ class Double(torch.autograd.Function):
 
 
 class WithFunction(nn.Module):
-    def __init__(self, fail: bool = False) -> None:
+    def __init__(self) -> None:
         super().__init__()
         self.lin = nn.Linear(3, 2)
-        self.fail = fail
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fail:
-            raise RuntimeError("forward failed on purpose")
         return self.lin(Double.apply(x))
-
-
-def _patched_attributes() -> tuple[object, object, bool]:
-    return (
-        inspect.getattr_static(torch.nn.Module, "__call__"),
-        inspect.getattr_static(torch.autograd.Function, "apply"),
-        "apply" in torch.autograd.Function.__dict__,
-    )
-
-
-@pytest.mark.parametrize("composite", [None, composites.epsilon_plus()], ids=["no rules", "epsilon_plus"])
-def test_patches_are_restored_after_a_call_and_after_a_failure(composite: object) -> None:
-    before = _patched_attributes()
-    model = WithFunction().double()
-    x = torch.randn(4, 3, dtype=torch.float64)
-    fn = lrpfunc.attribute(model, composite)  # type: ignore[arg-type]
-    output, relevance = fn(dict(model.named_parameters()), x, torch.ones(4, 2, dtype=torch.float64))
-    torch.testing.assert_close(output, model(x))
-    assert _patched_attributes() == before
-    model.fail = True
-    with pytest.raises(RuntimeError, match="forward failed on purpose"):
-        fn(dict(model.named_parameters()), x, torch.ones(4, 2, dtype=torch.float64))
-    assert _patched_attributes() == before
-    assert torch.equal(Double.apply(x), 2 * x)  # the original apply still works outside a trace
 
 
 def test_custom_function_gets_its_true_pullback_inside_a_trace() -> None:

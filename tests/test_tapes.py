@@ -4,6 +4,8 @@ behaves as the engine expects."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import zoo
@@ -96,7 +98,45 @@ def test_the_fast_path_is_taken_only_when_nothing_outside_differentiates() -> No
 
 
 def test_private_functorch_api_is_available() -> None:
-    assert _functorch.AVAILABLE, "torch._C._functorch no longer has the APIs lrpfunc/_functorch.py imports"
+    assert _functorch.AVAILABLE, f"lrpfunc/_functorch.py cannot use this torch: {_functorch.UNAVAILABLE_REASON}"
+
+
+def _wrap_that_does_not_wrap(tensor: torch.Tensor, level: int) -> torch.Tensor:
+    return tensor
+
+
+@pytest.mark.parametrize("change", ["removed", "changed"])
+def test_a_changed_private_api_falls_back_to_the_public_tape(monkeypatch: pytest.MonkeyPatch, change: str) -> None:
+    """A torch whose private building block is gone or behaves differently: the import-time self-check turns the
+    level tape off (instead of failing at import or computing wrong results) and the per-op vjp tape gives the same
+    derivatives as the level tape did."""
+    module, x, canonizer_list = MODELS["cnn"]
+    params = {k: v.detach() for k, v in module.named_parameters()}
+    grad_output = torch.randn_like(module(x))
+    weight = torch.randn_like(x)
+    fn = lrpfunc.attribute(module, composites.epsilon_plus_flat(), canonizer_list)
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        return (fn(params, x, grad_output)[1] * weight).sum()
+
+    with _tape.forced("level"):
+        reference = torch.func.grad(loss)(x)
+    if change == "removed":
+        monkeypatch.delattr(torch._C._functorch, "_wrap_for_grad")
+    else:
+        monkeypatch.setattr(torch._C._functorch, "_wrap_for_grad", _wrap_that_does_not_wrap)
+    try:
+        importlib.reload(_functorch)
+        assert not _functorch.AVAILABLE
+        assert _functorch.UNAVAILABLE_REASON
+        assert isinstance(_tape.choose_tape([x]), _tape.VjpTape)
+        with _tape.forced("level"):
+            fallback = torch.func.grad(loss)(x)
+        torch.testing.assert_close(fallback, reference, rtol=1e-10, atol=1e-12)
+    finally:
+        monkeypatch.undo()
+        importlib.reload(_functorch)
+    assert _functorch.AVAILABLE, _functorch.UNAVAILABLE_REASON
 
 
 def test_one_grad_level_for_a_whole_computation_behaves_like_vjp() -> None:
