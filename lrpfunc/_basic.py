@@ -284,22 +284,19 @@ class BasicRule:
     def _zero_terms(self, call: Call, with_params: bool) -> frozenset[int]:
         """The terms that are exactly zero and can be left out: only when nothing differentiates the result, for a
         rule that accepts it (:attr:`zero_terms`), on one linear operation (so that ``f(0; theta) = 0`` once the bias
-        is zeroed), for the positive or negative part of an input that has no such part (``x^-`` after a ReLU)."""
+        is zeroed), for the negative part of an input known to have none (``x^-`` after a ReLU). Known from the record
+        (:attr:`Call.nonnegative_inputs`), never from the values, so that the attribution can be traced."""
         if not self.zero_terms or not call.linear or with_params or len(call.inputs) != 1 or not values_only():
             return frozenset()
-        if call.inputs[0].numel() == 0:
-            return frozenset()  # an empty batch has neither part
-        low, high = torch.aminmax(call.inputs[0])
-        if not (low < 0 or high > 0):
-            return frozenset()  # an input of zeros: nothing to gain, and every term of a pair would go
-        empty = {positive_part: bool(high <= 0), negative_part: bool(low >= 0)}
+        if not call.nonnegative_inputs or not call.nonnegative_inputs[0]:
+            return frozenset()
         has_bias = "bias" in call.params
         return frozenset(
             k
             for k, (in_mod, param_mod, out_mod) in enumerate(
                 zip(self.input_modifiers, self.param_modifiers, self.output_modifiers)
             )
-            if empty.get(in_mod, False)
+            if in_mod is negative_part
             and out_mod is identity
             and (not has_bias or "bias" in (param_mod.zero_params or ()))
         )

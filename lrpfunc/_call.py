@@ -53,6 +53,8 @@ class Call:
             module call.
         input_sources: For each input, the class of the operation that produced it, looking through data movement
             (``ops.Softmax`` for attention weights, ``ops.Elementwise`` for a gate); ``None`` for the model's inputs.
+        nonnegative_inputs: For each input, whether it is known to have no negative part from the operations that
+            made it (the output of a ReLU, a max pool of one, ...; :mod:`lrpfunc._facts`), never from its values.
     """
 
     name: str
@@ -68,6 +70,7 @@ class Call:
     op_class: type | None = None
     input_sources: tuple[type | None, ...] = ()
     _transpose: Callable[[Tensor, Mapping[str, Tensor]], Tensor] | None = field(default=None, repr=False)
+    nonnegative_inputs: tuple[bool, ...] = ()
 
     @property
     def linear(self) -> bool:

@@ -29,7 +29,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import optree
@@ -38,6 +38,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as _checkpoint
 from torch.overrides import TorchFunctionMode
 
+from . import _facts as static_facts
 from . import ops as _ops
 from . import types as _types
 from ._composite import CallSite
@@ -600,6 +601,7 @@ class Trace:
             left on the tape): they propagate gradients.
         leaf_of, origin: A cut value's lifted leaf, and back.
         param_names: Value id of each parameter or buffer to its qualified name.
+        nonnegative: Values known to have no negative part (:mod:`lrpfunc._facts`).
         static_origin: Value id of a constant computed inside a module call (from parameters and buffers alone, like a
             position embedding) to that module's name.
         input_ids, output_ids: Value ids of the input and output leaves (``None`` for a leaf without one).
@@ -626,6 +628,7 @@ class Trace:
     output: Any
     output_ids: list[int | None]
     sites: list[tuple[CallSite, Any, str | None]]
+    nonnegative: set[int] = field(default_factory=set)
 
     def find(self, piece: int) -> int:
         parent = self.piece_parent
@@ -898,6 +901,8 @@ class Tracer(TorchFunctionMode):
         self.piece_computes: set[int] = set()
         self.piece_gradients: set[int] = set()
         self.observed: set[int] = set()
+        #: Values known to have no negative part, from the operations that made them (:mod:`lrpfunc._facts`).
+        self.nonnegative: set[int] = set()
         # calls and sites
         self.steps: list[Any] = []
         self.call: RuledCall | None = None
@@ -1037,6 +1042,8 @@ class Tracer(TorchFunctionMode):
         self.leaf_of[vid] = leaf_vid
         self.origin[leaf_vid] = vid
         self.source[leaf_vid] = self.source.get(vid)
+        if vid in self.nonnegative:
+            self.nonnegative.add(leaf_vid)
         self.new_piece(leaf_vid, vid, leaf)
         self.substitute[id(tensor)] = leaf
         self.keep_alive.append(tensor)
@@ -1250,6 +1257,8 @@ class Tracer(TorchFunctionMode):
         self.owner[new_vid] = ruled
         self.low[new_vid] = self.tape.lower(alias) if not ruled.quiet and not self.per_op else alias
         self.source[new_vid] = self.source.get(vid)
+        if vid in self.nonnegative:
+            self.nonnegative.add(new_vid)
         ruled.nodes.append(Node(Tensor.view_as, Tensor.view_as, [Ref(vid), Ref(vid)], _FastSpec(2, ()), (vid,),
                                 [Ref(new_vid)], (new_vid,), _ops.DataMovement))
         if not ruled.quiet and self.per_op:
@@ -1506,6 +1515,7 @@ class Tracer(TorchFunctionMode):
             result = _run(fn, args, kwargs, self.stack)
             pullback = None
         refs, outputs = self._register_outputs(result, activation=True)
+        self.note_nonnegative(func, op_class, leaves, spec, vids, outputs)
         tensors, low = self.tensors, self.low
         for vid in outputs:
             owner_of[vid] = call
@@ -1640,6 +1650,7 @@ class Tracer(TorchFunctionMode):
                     self.mark_piece(piece, False)
                 self.hold_weakly(outputs)
         if outputs:
+            self.note_nonnegative(func, op_class, leaves, spec, vids, outputs)
             source = op_class
             if source is _ops.DataMovement or source is None:
                 source = self.source.get(vids[act[0]])  # type: ignore[arg-type]
@@ -1649,6 +1660,14 @@ class Tracer(TorchFunctionMode):
                 for vid in outputs:
                     self.view_base[vid] = vids[act[0]]  # type: ignore[assignment]
         return result
+
+    def note_nonnegative(self, func: Callable[..., Any], op_class: type | None, leaves: list[Any], spec: Any,
+                         vids: list[int | None], outputs: Sequence[int]) -> None:
+        """Note the ``outputs`` of ``func`` as non-negative where the operation makes them so (a static fact)."""
+        nonnegative = self.nonnegative
+        if outputs and static_facts.nonnegative(func, op_class, leaves, lambda: unflatten_call(spec, leaves),
+                                          lambda position: vids[position] in nonnegative):
+            nonnegative.update(outputs)
 
     def _run_vjp(self, fn: Callable[..., Any], leaves: list[Any], spec: Any, act: list[int]) -> tuple[Any, Callable[..., Any]]:
         """Run ``fn`` under :func:`torch.func.vjp` w.r.t. the activation leaves (the per-operation tape)."""
@@ -1725,6 +1744,7 @@ class Tracer(TorchFunctionMode):
             output=lowered,
             output_ids=output_ids,
             sites=self.sites,
+            nonnegative=self.nonnegative,
         )
         self.weak = {}  # the values still held weakly are no cut: the sweep never reads them
         return trace
