@@ -1294,6 +1294,7 @@ class Tracer(TorchFunctionMode):
                 finally:
                     self.covered -= 1
                     self.transparent_depth -= transparent
+                    self.merged_interior[vid] = (id(bn), index)  # a later read of the layer's output undoes the merge
             # reopen the layer's call: the BatchNorm runs inside it and its output becomes the call's output
             self.steps.remove(producer)
             for out in producer.outputs:
@@ -1391,6 +1392,11 @@ class Tracer(TorchFunctionMode):
         last = self.last_layer
         if last is not None and act and any(vids[p] == last[2] for p in act):
             self.last_layer = None
+        if self.merged_interior and act and self.call is None:
+            for position in act:  # the output of a layer whose BatchNorm was merged, read by something else
+                key = self.merged_interior.get(vids[position])  # type: ignore[arg-type]
+                if key is not None:
+                    raise Retry("merge", key)
         if self.replacers:
             fn = self.replaced(fn)
         # the tensor an in-place operation writes to, as the model sees it (the calls below replace leaves by

@@ -293,3 +293,49 @@ def test_index_add_with_repeated_indices_conserves() -> None:
     composite = composites.layer_map([((nn.Linear, lrpfunc.ops.Sum, lrpfunc.ops.Shift), lrpfunc.rules.epsilon(0.0))])
     _, relevance = lrpfunc.attribute(model, composite)(_params(model), x, grad_output)
     assert float(relevance.detach().sum()) == pytest.approx(2.0, rel=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# merge_batchnorm when the layer's output is read besides its BatchNorm
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ReadBesidesBatchNorm(nn.Module):
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.bn = nn.BatchNorm1d(3)
+        self.form = form
+        with torch.no_grad():
+            self.bn.running_mean.normal_()
+            self.bn.running_var.uniform_(0.5, 2.0)
+            self.bn.weight.normal_()
+            self.bn.bias.normal_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.lin(x)
+        if self.form == "sum":
+            return c + self.bn(c)
+        if self.form == "product":
+            return self.bn(c) * c
+        return torch.cat([self.bn(c), c], 1)
+
+
+@pytest.mark.parametrize("form", ["sum", "product", "cat"])
+@pytest.mark.parametrize("composite", ["attnlrp", "cp_lrp", "epsilon_plus"])
+def test_merge_batchnorm_leaves_a_batchnorm_whose_input_is_read_elsewhere(form: str, composite: str) -> None:
+    """The BatchNorm cannot be folded without changing what the other read sees: it keeps its own call site, in the
+    gradient form as in relevance form (0.2.0 folded it silently when the layer itself had a rule in gradient form)."""
+    torch.manual_seed(4)
+    model = ReadBesidesBatchNorm(form).to(D).eval()
+    x = torch.randn(5, 3, dtype=D)
+    grad_output = torch.randn_like(model(x))
+    params = _params(model)
+    make = getattr(composites, composite)
+    merged = lrpfunc.attribute(model, make(), canonizers.merge_batchnorm())(params, x, grad_output)[1]
+    unmerged = lrpfunc.attribute(model, make())(params, x, grad_output)[1]
+    report = lrpfunc.conservation(model, make(), canonizers.merge_batchnorm())(params, x, grad_output)
+    torch.testing.assert_close(merged, unmerged, rtol=1e-12, atol=1e-14)
+    assert report.total_out == pytest.approx(float(merged.detach().sum()), rel=1e-10, abs=1e-12)
+    table = lrpfunc.rule_table(model, make(), x, canonizers.merge_batchnorm())
+    assert any(site.name == "bn" and site.kind == "module" and rule is not None for site, rule in table.rows)
