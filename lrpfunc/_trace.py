@@ -917,7 +917,7 @@ class Tracer(TorchFunctionMode):
         self.grad_enabled = torch.is_grad_enabled()
         self.raw = 0  # > 0 while the tracer runs torch operations of its own
         # BatchNorm merging: the last Linear/Conv call whose output nothing has read yet
-        self.last_layer: tuple[RuledCall | None, torch.nn.Module, int, str, bool] | None = None
+        self.last_layer: tuple[RuledCall | None, Any, int, str, bool] | None = None
         self.merged_interior: dict[int, tuple[int, int]] = {}
         detach = not tape.exact
         for name, tensor, value in model_tensors(info, params):
@@ -1136,9 +1136,7 @@ class Tracer(TorchFunctionMode):
         if ruled is not None:
             output = self.finish_ruled(ruled, output)
         if self.merge_batchnorm and isinstance(module, _MERGEABLE):
-            outputs = [self.vid(leaf) for leaf in _tensor_leaves(output)]
-            if len(outputs) == 1 and outputs[0] is not None and outputs[0] in self.activations:
-                self.last_layer = (ruled, module, outputs[0], name, transparent)
+            self.note_mergeable(ruled, module, output, name, transparent)
         if observed is not None:
             self.add_observation(observed, output)
         return output
@@ -1167,6 +1165,13 @@ class Tracer(TorchFunctionMode):
         if observed is not None:
             self.add_observation(observed, output)
         return output
+
+    def note_mergeable(self, ruled: RuledCall | None, layer: Any, output: Any, name: str, transparent: bool) -> None:
+        """A linear layer (a module, or an operation as :class:`_OperationLayer`) produced ``output``: a BatchNorm
+        called next on it may be folded into it (:meth:`try_merge`)."""
+        outputs = [self.vid(leaf) for leaf in _tensor_leaves(output)]
+        if len(outputs) == 1 and outputs[0] is not None and outputs[0] in self.activations:
+            self.last_layer = (ruled, layer, outputs[0], name, transparent)
 
     def run_ruled(self, ruled: RuledCall, run: Callable[[], Any]) -> Any:
         self.call = ruled
@@ -1606,7 +1611,10 @@ class Tracer(TorchFunctionMode):
                 result = self.run_ruled(ruled, lambda: self.inside_call(ruled, func, fn, leaves, spec, act, vids))
             finally:
                 self.record_sites = record_sites
-            return self.finish_ruled(ruled, result)
+            output = self.finish_ruled(ruled, result)
+            if self.merge_batchnorm and func in _MERGEABLE_OPERATIONS and act == [0]:
+                self.note_mergeable(ruled, _OperationLayer(info.params), output, site.name, False)
+            return output
         # an operation without a rule: on the tape
         if self.per_op:
             result, pullback = self._run_vjp(fn, leaves, spec, act)
@@ -1657,6 +1665,11 @@ class Tracer(TorchFunctionMode):
                 self.hold_weakly(outputs)
         if outputs:
             self.note_nonnegative(func, op_class, leaves, spec, vids, outputs)
+            if self.merge_batchnorm and func in _MERGEABLE_OPERATIONS and act == [0]:
+                operands = unflatten_call(spec, leaves)
+                params = _ops.classify(func, *operands, self.is_activation).params
+                self.note_mergeable(None, _OperationLayer(params), result, site.name if site else op_name(func),
+                                    transparent)
             source = op_class
             if source is _ops.DataMovement or source is None:
                 source = self.source.get(vids[act[0]])  # type: ignore[arg-type]
@@ -1825,6 +1838,18 @@ _MERGEABLE = (
     torch.nn.ConvTranspose2d,
     torch.nn.ConvTranspose3d,
 )
+
+#: Operations a BatchNorm can be merged into (written in a forward, with parameters as weight and bias).
+_MERGEABLE_OPERATIONS = frozenset(_ops._all("linear conv1d conv2d conv3d"))
+
+
+class _OperationLayer:
+    """A linear operation (``F.linear``, ``F.conv2d``) as the layer a BatchNorm is merged into: its weight and bias
+    operands, read like a module's."""
+
+    def __init__(self, params: Mapping[str, Tensor]) -> None:
+        self.weight = params.get("weight")
+        self.bias = params.get("bias")
 
 
 def _identity_pullback(grads: Sequence[Tensor]) -> tuple[Tensor, ...]:

@@ -40,8 +40,6 @@ T_ = TypeVar("T_")
 #: ``"piece"`` or ``"piece/form"`` -> the defect it shows on the current engine. Left out of the CI sample (and
 #: listed in the survey as expected failures) until the defect is fixed; delete the entry with the fix.
 KNOWN_DEFECTS: dict[str, str] = {
-    "batchnorm/F.conv2d": "merge_batchnorm does nothing after a functional convolution",
-    "batchnorm/F.linear": "merge_batchnorm does nothing after a functional linear map",
     "zero_output": "epsilon 0 drops the relevance seeded on outputs that are exactly zero",
 }
 

@@ -339,3 +339,60 @@ def test_merge_batchnorm_leaves_a_batchnorm_whose_input_is_read_elsewhere(form: 
     assert report.total_out == pytest.approx(float(merged.detach().sum()), rel=1e-10, abs=1e-12)
     table = lrpfunc.rule_table(model, make(), x, canonizers.merge_batchnorm())
     assert any(site.name == "bn" and site.kind == "module" and rule is not None for site, rule in table.rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# merge_batchnorm after a functional linear map or convolution
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ConvBatchNorm(nn.Module):
+    """``bn(conv(x))`` as a module or written with ``F.conv2d`` / ``F.linear`` on the same parameters."""
+
+    def __init__(self, functional: bool, image: bool) -> None:
+        super().__init__()
+        self.functional, self.image = functional, image
+        self.layer = nn.Conv2d(2, 3, 3, padding=1) if image else nn.Linear(4, 3)
+        self.bn = nn.BatchNorm2d(3) if image else nn.BatchNorm1d(3)
+        self.head = nn.Linear(3 * 5 * 5 if image else 3, 2)
+        with torch.no_grad():
+            self.bn.running_mean.normal_()
+            self.bn.running_var.uniform_(0.5, 2.0)
+            self.bn.weight.normal_()
+            self.bn.bias.normal_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.functional:
+            h = self.layer(x)
+        elif self.image:
+            h = F.conv2d(x, self.layer.weight, self.layer.bias, padding=1)
+        else:
+            h = F.linear(x, self.layer.weight, self.layer.bias)
+        return self.head(torch.relu(self.bn(h)).flatten(1))
+
+
+@pytest.mark.parametrize("image", [False, True], ids=["linear", "conv2d"])
+@pytest.mark.parametrize("composite", ["epsilon_plus", "attnlrp"])
+def test_merge_batchnorm_after_a_functional_layer_equals_the_module_form(image: bool, composite: str) -> None:
+    torch.manual_seed(5)
+    module_form = ConvBatchNorm(False, image).to(D).eval()
+    functional = ConvBatchNorm(True, image).to(D).eval()
+    functional.load_state_dict(module_form.state_dict())
+    x = torch.randn(3, 2, 5, 5, dtype=D) if image else torch.randn(3, 4, dtype=D)
+    grad_output = torch.randn(3, 2, dtype=D)
+    make = getattr(composites, composite)
+
+    def relevance(model: nn.Module, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        return lrpfunc.attribute(model, make(), canonizers.merge_batchnorm())(params, x, grad_output)[1]
+
+    expected, got = relevance(module_form, _params(module_form)), relevance(functional, _params(functional))
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+    unmerged = lrpfunc.attribute(functional, make())(_params(functional), x, grad_output)[1]
+    assert not torch.allclose(got, unmerged)  # the merge happened (the BatchNorm has no site of its own)
+    weight = torch.randn_like(x)
+
+    def loss(model: nn.Module) -> dict[str, torch.Tensor]:
+        return torch.func.grad(lambda p: (relevance(model, p) * weight).sum())(_params(model, detached=True))
+
+    for name, value in loss(module_form).items():
+        torch.testing.assert_close(loss(functional)[name], value, rtol=1e-10, atol=1e-12)
