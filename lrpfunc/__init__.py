@@ -4,10 +4,10 @@ from . import canonizers, composites, evaluate, ops, rules, types
 from ._attribute import attribute, attribute_with_params, rule_table
 from ._attributors import integrated_gradients, occlusion, smooth_grad
 from ._basic import ParamMod
-from ._layers import attribute_layers
-from ._conservation import ConservationReport, SiteRelevance, conservation
 from ._call import Call, Propagated, RuleError
 from ._composite import CallSite, RuleTable
+from ._conservation import ConservationReport, SiteRelevance, conservation
+from ._layers import attribute_layers
 from ._stabilize import Stabilizer, stabilize
 
 __all__ = [

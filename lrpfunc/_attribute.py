@@ -11,9 +11,13 @@ import optree
 import torch
 
 from ._composite import CallSite, Composite, RuleTable, resolver_of
+from ._functionalize import Substitution
+from ._interception import eager_calls, tracing
+from ._model import ModelInfo, Stale, call_model
+from ._record import Retry, Trace
 from ._sweep import Observer, sweep
 from ._tape import AutogradTape, Tape, choose_tape
-from ._trace import ModelInfo, Retry, Stale, Substitution, Trace, Tracer, call_model, eager_calls, tracing
+from ._trace import Tracer
 from .canonizers import Canonizer
 
 Tensor = torch.Tensor

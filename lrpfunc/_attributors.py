@@ -24,7 +24,8 @@ import torch
 
 from ._attribute import _check_params, _check_setup, attribute, check_grad_output
 from ._composite import Composite
-from ._trace import ModelInfo, evaluate
+from ._functionalize import evaluate
+from ._model import ModelInfo
 from .canonizers import Canonizer
 
 Tensor = torch.Tensor

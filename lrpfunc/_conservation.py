@@ -9,7 +9,16 @@ from typing import Any
 import optree
 import torch
 
-from ._attribute import Setup, _check_params, _check_setup, _check_tensors, _seeds, check_grad_output, refreshing, run_trace
+from ._attribute import (
+    Setup,
+    _check_params,
+    _check_setup,
+    _check_tensors,
+    _seeds,
+    check_grad_output,
+    refreshing,
+    run_trace,
+)
 from ._composite import CallSite, Composite, rule_name
 from ._sweep import sweep
 from ._tape import VjpTape

@@ -26,8 +26,8 @@ import torch
 from . import _normalization, _stabilize
 from . import ops as _ops
 from ._call import Call, Propagated, RuleError
+from ._record import Node, Observation, OpStep, Ref, RuledCall, Split, Trace, unflatten_call
 from ._traits import Rule, traits_of
-from ._trace import Node, Observation, OpStep, Ref, RuledCall, Split, Trace, unflatten_call
 
 Tensor = torch.Tensor
 

@@ -19,7 +19,8 @@ from torch import nn
 
 from ._attribute import attribute, attribute_with_params
 from ._composite import Composite
-from ._trace import ModelInfo, evaluate
+from ._functionalize import evaluate
+from ._model import ModelInfo
 from .canonizers import Canonizer
 
 Tensor = torch.Tensor

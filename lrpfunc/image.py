@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import math
 import os
-from functools import lru_cache
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 

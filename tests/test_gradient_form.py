@@ -13,8 +13,8 @@ from torch import nn
 import lrpfunc
 from lrpfunc import composites, ops, rules, types
 from lrpfunc._attribute import Setup, run_trace
+from lrpfunc._record import RuledCall
 from lrpfunc._tape import AutogradTape
-from lrpfunc._trace import RuledCall
 
 D = torch.float64
 

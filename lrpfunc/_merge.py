@@ -1,0 +1,114 @@
+"""BatchNorm folding while tracing (``merge_batchnorm``): which layers and operations a BatchNorm folds into, and
+the merged parameters and forward of a call with a BatchNorm folded in."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import torch
+
+from . import ops as _ops
+from . import types as _types
+from ._record import Ref, RuledCall
+
+if TYPE_CHECKING:
+    from ._trace import Tracer
+
+Tensor = torch.Tensor
+
+
+NOT_MERGED = object()
+
+
+_BATCHNORM_TYPES: dict[type, bool] = {}
+
+
+def is_batchnorm(module: torch.nn.Module) -> bool:
+    """A BatchNorm module, with running statistics as parameters and buffers or (frozen) as buffers only."""
+    kind = type(module)
+    found = _BATCHNORM_TYPES.get(kind)
+    if found is None:
+        found = isinstance(module, _types.BatchNorm)
+        if not found and isinstance(module, _types.FrozenBatchNorm):
+            return True  # decided per module: a frozen BatchNorm is known by its buffers
+        _BATCHNORM_TYPES[kind] = found
+    return found
+
+
+#: Module types whose forward is one linear operation with a closed-form transpose (when their padding is explicit).
+TRANSPOSABLE = frozenset(
+    {
+        torch.nn.Linear,
+        torch.nn.Conv1d,
+        torch.nn.Conv2d,
+        torch.nn.Conv3d,
+        torch.nn.ConvTranspose1d,
+        torch.nn.ConvTranspose2d,
+        torch.nn.ConvTranspose3d,
+    }
+)
+
+
+def one_linear_operation(call: RuledCall) -> bool:
+    """Whether ``call`` (before a BatchNorm is merged into it) is one operation with a transpose, reading the call's
+    single input as its first argument and producing its single output."""
+    if len(call.inputs) != 1 or not call.nodes:
+        return False
+    node = call.nodes[0]
+    if len(node.inputs) != 1 or node.inputs[0] != call.inputs[0] or type(node.leaves[0]) is not Ref:
+        return False
+    if node.leaves[0].vid != call.inputs[0] or node.transpose is None:
+        return False
+    return len(call.nodes) == 1 or call.merged_from is not None
+
+
+MERGEABLE_MODULES = (
+    torch.nn.Linear,
+    torch.nn.Conv1d,
+    torch.nn.Conv2d,
+    torch.nn.Conv3d,
+    torch.nn.ConvTranspose1d,
+    torch.nn.ConvTranspose2d,
+    torch.nn.ConvTranspose3d,
+)
+
+
+#: Operations a BatchNorm can be merged into (written in a forward, with parameters as weight and bias).
+MERGEABLE_OPERATIONS = frozenset(_ops._all("linear conv1d conv2d conv3d"))
+
+
+class OperationLayer:
+    """A linear operation (``F.linear``, ``F.conv2d``) as the layer a BatchNorm is merged into: its weight and bias
+    operands, read like a module's."""
+
+    def __init__(self, params: Mapping[str, Tensor]) -> None:
+        self.weight = params.get("weight")
+        self.bias = params.get("bias")
+
+
+def merge_parameters(tracer: Tracer, call: RuledCall, layer: torch.nn.Module, bn: torch.nn.Module, layer_output: int,
+                      layer_nodes: int) -> None:
+    """Give ``call`` (a layer and the BatchNorm folded into it) the merged parameters and a forward using them."""
+    from .canonizers import merged_layer
+
+    def tensor_of(module: torch.nn.Module, local: str) -> Tensor | None:
+        tensor = getattr(module, local, None)
+        if not isinstance(tensor, Tensor):
+            return None
+        vid = tracer.vid(tensor)
+        return tracer.lower(vid) if vid is not None else tensor
+
+    statistics = {local: tensor_of(bn, local) for local in ("weight", "bias", "running_mean", "running_var")}
+    call.params, call.forward, call.channel_scale = merged_layer(
+        layer,
+        tensor_of(layer, "weight"),
+        tensor_of(layer, "bias"),
+        statistics,
+        float(getattr(bn, "eps", 1e-5)),
+        call.nodes[:layer_nodes],
+        call.inputs[:],
+        layer_output,
+        tracer.low,
+        call.param_vids,
+    )
