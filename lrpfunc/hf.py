@@ -203,8 +203,8 @@ def _seeds(logits: Tensor, target: int | Tensor | None, position: int | Tensor, 
         raise ValueError("attribute_tokens: position is for language models (logits (B, L, V)); this model gives (B, C)")
     count = positions.numel() if target is None else None
     if target is None:
-        rows = [logits[:, p].argmax(-1) for p in positions.tolist()] if language else [logits.argmax(-1)]
-        chosen = torch.stack(rows)
+        # the argmax at each position, as tensors (no position read into Python: the function traces)
+        chosen = logits[:, positions].argmax(-1).T if language else logits.argmax(-1)[None]
     else:
         chosen = torch.as_tensor(target, device=logits.device)
         expected = "(K,) or (K, B)" if several else "an int or (B,)"
@@ -222,10 +222,8 @@ def _seeds(logits: Tensor, target: int | Tensor | None, position: int | Tensor, 
         raise ValueError(f"attribute_tokens: position must be an int or one per target ({count}), got {positions.numel()}")
     positions = positions.expand(count) if positions.numel() == 1 else positions
     seeds = torch.zeros((count, *logits.shape), dtype=logits.dtype, device=logits.device)
-    rows = torch.arange(batch, device=logits.device)
-    for k in range(count):
-        if language:
-            seeds[k, rows, positions[k], chosen[k]] = 1.0
-        else:
-            seeds[k, rows, chosen[k]] = 1.0
-    return seeds
+    # one index_put with index tensors (a 0-d tensor index would be read into Python)
+    ks = torch.arange(count, device=logits.device)[:, None].expand(count, batch)
+    rows = torch.arange(batch, device=logits.device)[None].expand(count, batch)
+    index = (ks, rows, positions[:, None].expand(count, batch), chosen) if language else (ks, rows, chosen)
+    return seeds.index_put(index, torch.ones((), dtype=logits.dtype, device=logits.device))
