@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from operator import is_
 from typing import Any
 
 import torch
@@ -49,14 +50,14 @@ class ModelInfo:
         (``self.count += 1``, ``self.stat = self.stat * 0.9 + ...``) is seen rebound for the rest of the call, as in
         eager torch, and bound to its own tensor again afterwards, also when the call raises (``functional_call``
         semantics). In-place writes never reach the model's tensors: the tracer runs them out of place."""
-        saved = [(table, list(table.items())) for table in self.tables]
+        saved = [(table, tuple(table), tuple(table.values())) for table in self.tables]
         try:
             yield
         finally:
-            for table, items in saved:
-                if len(table) != len(items) or any(table.get(key) is not value for key, value in items):
+            for table, keys, values in saved:  # every binding's identity, compared in C (``map(is_, ...)``)
+                if len(table) != len(keys) or not all(map(is_, table.values(), values)) or tuple(table) != keys:
                     table.clear()
-                    table.update(items)
+                    table.update(zip(keys, values))
 
     def module_params(self, module: torch.nn.Module) -> list[tuple[str, Tensor]]:
         """``module.named_parameters()``, read once per module."""

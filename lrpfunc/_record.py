@@ -12,7 +12,7 @@ import torch
 
 from ._composite import CallSite
 from ._tape import Tape
-from ._traits import traits_of
+from ._traits import RuleTraits
 
 Tensor = torch.Tensor
 
@@ -103,7 +103,8 @@ class RuledCall:
     """A call (module call or single operation) whose cotangents a rule computes.
 
     Attributes:
-        site: The call site. rule: Its rule. needs_pullback: Whether the rule uses the call's true pullback.
+        site: The call site. rule: Its rule. traits: The rule's traits (:func:`lrpfunc._traits.traits_of`).
+        needs_pullback: Whether the rule uses the call's true pullback.
         module: The module called, or ``None`` for an operation.
         inputs: Value ids of the activations the call read from outside, in order of first use.
         lifted: The tape leaf each input was lifted to inside the call, aligned with ``inputs`` (calls that record
@@ -124,16 +125,17 @@ class RuledCall:
     """
 
     __slots__ = (
-        "site", "rule", "needs_pullback", "module", "inputs", "lifted", "index_of", "outputs", "nodes", "param_vids", "params",
+        "site", "rule", "traits", "needs_pullback", "module", "inputs", "lifted", "index_of", "outputs", "nodes", "param_vids", "params",
         "forward", "input_sources", "op_class", "pullbacks", "merged_from", "transposed", "passes_through", "records",
         "channel_scale", "closed_pullback",
     )
 
-    def __init__(self, site: CallSite, rule: Any, needs_pullback: bool, module: torch.nn.Module | None, *,
+    def __init__(self, site: CallSite, rule: Any, traits: RuleTraits, module: torch.nn.Module | None, *,
                  op_class: type | None = None) -> None:
         self.site = site
         self.rule = rule
-        self.needs_pullback = needs_pullback
+        self.traits = traits
+        self.needs_pullback = traits.needs_pullback
         self.module = module
         self.inputs: list[int] = []
         self.lifted: list[Tensor | None] = []
@@ -148,7 +150,6 @@ class RuledCall:
         self.pullbacks: list[tuple[tuple[int, ...], tuple[int, ...], Callable[..., Any]]] = []
         self.merged_from: str | None = None
         self.transposed = False
-        traits = traits_of(rule)
         self.passes_through = traits.passes_through
         self.records = traits.records
         self.channel_scale: Callable[[], Tensor] | None = None

@@ -27,7 +27,7 @@ from . import _normalization, _stabilize
 from . import ops as _ops
 from ._call import Call, Propagated, RuleError
 from ._record import Node, Observation, OpStep, Ref, RuledCall, Split, Trace, unflatten_call
-from ._traits import Rule, traits_of
+from ._traits import Rule
 
 Tensor = torch.Tensor
 
@@ -311,7 +311,7 @@ def sweep(
             for vid in outputs:
                 complete(vid)
             rule = step.rule
-            if forms and traits_of(rule).gradient_form is not None:
+            if forms and step.traits.gradient_form is not None:
                 # the rule in gradient form: relevance that arrived is divided by its value (the rule's own division)
                 grads = []
                 for vid in outputs:

@@ -338,7 +338,8 @@ class Tracer(TorchFunctionMode):
             return self.constant_call(module, name, args, kwargs, observed)
         site = CallSite("module", module_index, name, module, None, None, index, self.next_order(), None)
         rule = self.offer(site)
-        transparent = rule is not None and self.transparent and traits_of(rule).transparent
+        traits = traits_of(rule)
+        transparent = rule is not None and self.transparent and traits.transparent
         self.stack.append(name)
         try:
             if transparent:  # its rule is its pullback in gradient form: everything inside goes on the tape
@@ -352,7 +353,7 @@ class Tracer(TorchFunctionMode):
                 output = MODULE_CALL(module, *args, **kwargs)
                 ruled = None
             else:
-                ruled = RuledCall(site, rule, traits_of(rule).needs_pullback, module)
+                ruled = RuledCall(site, rule, traits, module)
                 ruled.transposed = (
                     type(module) in TRANSPOSABLE
                     and getattr(module, "padding_mode", "zeros") == "zeros"
@@ -818,17 +819,18 @@ class Tracer(TorchFunctionMode):
             else:
                 rule = self.offer(site)
         transparent = self.transparent_depth > 0
-        if rule is not None and self.transparent and traits_of(rule).transparent:
+        traits = traits_of(rule)
+        if rule is not None and self.transparent and traits.transparent:
             transparent, rule = True, None  # its rule is its pullback in gradient form: on the tape
         if rule is not None:
             assert site is not None
-            decompose = traits_of(rule).decompose
+            decompose = traits.decompose
             if decompose is not None:
                 call_args, call_kwargs = unflatten_call(spec, leaves)
                 with self:
                     return decompose(func, call_args, call_kwargs)
             info = self.classify(func, fn, leaves, spec)
-            ruled = RuledCall(site, rule, traits_of(rule).needs_pullback, None, op_class=info.op_class)
+            ruled = RuledCall(site, rule, traits, None, op_class=info.op_class)
             if act == [0]:
                 ruled.transposed = _ops.transpose_of(func, *unflatten_call(spec, leaves)) is not None
             elif act == [0, 1]:
