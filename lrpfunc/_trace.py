@@ -135,6 +135,9 @@ class Tracer(TorchFunctionMode):
         self.piece_computes: set[int] = set()
         self.piece_gradients: set[int] = set()
         self.observed: set[int] = set()
+        # values inside pieces whose elements may be those of a leaf that takes relevance (see note_relevance_sink)
+        self.leaf_moved: set[int] = set()
+        self.transparent_outputs: set[int] = set()  # outputs of transparent calls on the tape (they divide by them)
         #: Values known to have no negative part, from the operations that made them (:mod:`lrpfunc._facts`).
         self.nonnegative: set[int] = set()
         # calls and sites
@@ -265,6 +268,28 @@ class Tracer(TorchFunctionMode):
         (self.piece_gradients if gradient else self.piece_computes).add(root)
         if root in self.piece_gradients and root in self.piece_computes:
             raise Retry("forms", None)
+
+    def takes_relevance(self, vid: int) -> bool:
+        """Whether ``vid`` (an operand of an operation on the tape) is a leaf of its piece whose cotangent leaves the
+        piece as relevance (an input, an observed value, the output of a rule without gradient form), or a value
+        moved from one."""
+        if vid in self.leaf_moved:
+            return True
+        if vid not in self.cut and vid not in self.origin:
+            return False
+        origin = self.origin.get(vid, vid)
+        owner = self.owner.get(origin)
+        if owner is not None:
+            return owner.traits.gradient_form is None
+        return origin not in self.transparent_outputs
+
+    def note_relevance_sink(self, vid: int) -> None:
+        """Relevance (a seed, an observer's, a rule's without gradient form) arrives at ``vid``. If its elements may be
+        those of a leaf that takes relevance (data movement from it: ``cat([h, f(h)])`` with ``h`` a ReLU's output),
+        the piece propagates relevance: in gradient form, relevance arriving at a zero element would be divided by zero
+        and lost on its way to the leaf, while the rules pass it on (a static fact of the record, never of values)."""
+        if vid in self.leaf_moved and not self.per_op:
+            self.mark_piece(self.piece_of[vid], False)
 
     def lift_cut(self, vid: int) -> int:
         """Lift the cut value ``vid`` (a ruled call's output or an observed value) to a fresh leaf that later reads
@@ -478,6 +503,8 @@ class Tracer(TorchFunctionMode):
             self.cut.add(vid)  # a value inside a piece: split the piece here
             self.pending_cut.add(vid)
             self.steps.append(Split(vid))
+            if call.traits.gradient_form is None:
+                self.note_relevance_sink(vid)
         lifted = None
         if not call.quiet and not self.per_op:
             tensor = self.value(vid)
@@ -564,6 +591,7 @@ class Tracer(TorchFunctionMode):
             self.hold(vid)
             vids.append(vid)
             self.lower(vid)  # the sweep reads its value (relevance = value * gradient)
+            self.note_relevance_sink(vid)
             first = vid not in self.observed
             self.observed.add(vid)
             # a value inside a piece becomes a cut here; the sweep pushes its relevance back into the piece
@@ -895,8 +923,11 @@ class Tracer(TorchFunctionMode):
                     piece_of[vid] = piece
                 if transparent:
                     self.mark_piece(piece, True)
+                    self.transparent_outputs.update(outputs)
                 elif not _ops.moves_values(func, op_class):  # its pullback is not a mere move of the cotangent
                     self.mark_piece(piece, False)
+                elif any(self.takes_relevance(vids[p]) for p in act):  # type: ignore[arg-type]
+                    self.leaf_moved.update(outputs)
                 self.hold_weakly(outputs)
         if outputs:
             self.note_nonnegative(func, op_class, leaves, spec, vids, outputs)
@@ -972,6 +1003,9 @@ class Tracer(TorchFunctionMode):
                 raise NotImplementedError(self.stale[vid])
             if vid is not None:
                 self.hold(vid)  # the sweep starts there
+                if vid in self.merged_interior:  # a layer's output returned beside its merged BatchNorm's
+                    raise Retry("merge", self.merged_interior[vid])
+                self.note_relevance_sink(vid)  # the seeds are relevance
         lowered = optree.tree_map(
             lambda leaf: self.lower(self.vid_of[id(leaf)]) if isinstance(leaf, Tensor) and id(leaf) in self.vid_of
             else (self.tape.lower(leaf) if isinstance(leaf, Tensor) else leaf),

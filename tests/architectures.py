@@ -40,9 +40,6 @@ T_ = TypeVar("T_")
 #: ``"piece"`` or ``"piece/form"`` -> the defect it shows on the current engine. Left out of the CI sample (and
 #: listed in the survey as expected failures) until the defect is fixed; delete the entry with the fix.
 KNOWN_DEFECTS: dict[str, str] = {
-    "zero_output": "the gradient form (epsilon 0) gives relevance seeded on outputs that are exactly zero nothing, "
-                   "where the relevance form passes it through data movement and passthrough rules (README, "
-                   "'Gradient form')",
 }
 
 

@@ -396,3 +396,90 @@ def test_merge_batchnorm_after_a_functional_layer_equals_the_module_form(image: 
 
     for name, value in loss(module_form).items():
         torch.testing.assert_close(loss(functional)[name], value, rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# epsilon 0: relevance seeded on an output that is exactly zero
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Concatenated(nn.Module):
+    """``h = relu(l1(x)); cat([h, l2(h)])``: some outputs are exactly zero (the ReLU's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 5, bias=False), nn.Linear(5, 5, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.l1(x))
+        return torch.cat([h, self.l2(h)], 1)
+
+
+@pytest.mark.parametrize("make_composite", [composites.attnlrp, lambda: composites.epsilon_plus(epsilon=0, stabilizer=0)],
+                         ids=["attnlrp", "epsilon_plus_0"])
+def test_epsilon_zero_keeps_relevance_seeded_on_zero_outputs(make_composite: object) -> None:
+    """By the rules: the ReLU passes its relevance on whatever its output (passthrough), ``l1`` divides by its own
+    output ``z1`` (nonzero where the ReLU gave zero), ``l2`` by its own; nothing is divided by the zero outputs."""
+    torch.manual_seed(0)
+    model = Concatenated().to(D)
+    x = torch.randn(1, 4, dtype=D)
+    seed = torch.ones(1, 10, dtype=D)
+    h = torch.relu(model.l1(x))
+    assert (h == 0).any()
+    z1, z2 = model.l1(x), model.l2(h)
+    relevance_h = seed[:, :5] + h * ((seed[:, 5:] / z2) @ model.l2.weight)  # cat, then l2's epsilon 0 rule
+    expected = x * ((relevance_h / z1) @ model.l1.weight)  # passthrough, then l1's epsilon 0 rule
+    params = _params(model)
+    _, fast = lrpfunc.attribute(model, make_composite())(params, x, seed)  # type: ignore[operator]
+    _, relevance_form, _ = lrpfunc.attribute_with_params(model, make_composite())(params, x, seed)  # type: ignore[operator]
+    torch.testing.assert_close(fast, expected.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(relevance_form, expected.detach(), rtol=1e-10, atol=1e-12)
+    assert abs(float(fast.detach().sum()) - 10.0) < 1e-9
+    _, tiny = lrpfunc.attribute(model, composites.attnlrp(epsilon=1e-12))(params, x, seed)
+    torch.testing.assert_close(fast, tiny, rtol=1e-6, atol=1e-8)
+
+
+def test_epsilon_zero_keeps_relevance_on_zero_inputs_moved_to_the_output() -> None:
+    """The model's input itself returned beside a layer's output: its zero elements keep their seeded relevance."""
+
+    class InputAndLayer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 3, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([x, self.linear(x)], 1)
+
+    torch.manual_seed(1)
+    model = InputAndLayer().to(D)
+    x = torch.randn(2, 4, dtype=D)
+    x[0, 1] = 0.0
+    seed = torch.ones(2, 7, dtype=D)
+    params = _params(model)
+    _, fast = lrpfunc.attribute(model, composites.attnlrp())(params, x, seed)
+    _, relevance_form, _ = lrpfunc.attribute_with_params(model, composites.attnlrp())(params, x, seed)
+    torch.testing.assert_close(fast, relevance_form, rtol=1e-10, atol=1e-12)
+    assert abs(float(fast[0, 1].detach()) - 1.0) < 1e-12  # the seed on x[0, 1] = 0 (the layer adds nothing there)
+
+
+def test_a_layer_output_returned_beside_its_merged_batchnorm_is_not_merged() -> None:
+    class Both(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.bn = nn.Linear(3, 3), nn.BatchNorm1d(3)
+            with torch.no_grad():
+                self.bn.running_mean.normal_()
+                self.bn.running_var.uniform_(0.5, 2.0)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            c = self.lin(x)
+            return c, self.bn(c)
+
+    torch.manual_seed(6)
+    model = Both().to(D).eval()
+    x = torch.randn(4, 3, dtype=D)
+    seed = (torch.randn(4, 3, dtype=D), torch.randn(4, 3, dtype=D))
+    for make in (composites.attnlrp, composites.epsilon_plus):
+        merged = lrpfunc.attribute(model, make(), canonizers.merge_batchnorm())(_params(model), x, seed)[1]
+        unmerged = lrpfunc.attribute(model, make())(_params(model), x, seed)[1]
+        torch.testing.assert_close(merged, unmerged, rtol=1e-12, atol=1e-14)
