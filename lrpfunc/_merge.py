@@ -36,18 +36,19 @@ def is_batchnorm(module: torch.nn.Module) -> bool:
     return found
 
 
-#: Module types whose forward is one linear operation with a closed-form transpose (when their padding is explicit).
-TRANSPOSABLE = frozenset(
-    {
-        torch.nn.Linear,
-        torch.nn.Conv1d,
-        torch.nn.Conv2d,
-        torch.nn.Conv3d,
-        torch.nn.ConvTranspose1d,
-        torch.nn.ConvTranspose2d,
-        torch.nn.ConvTranspose3d,
-    }
+#: Linear layers and convolutions: a BatchNorm after them can be merged (subclasses too); their forward is one linear
+#: operation with a closed-form transpose when their padding is explicit (these exact types: a subclass may override
+#: forward).
+MERGEABLE_MODULES = (
+    torch.nn.Linear,
+    torch.nn.Conv1d,
+    torch.nn.Conv2d,
+    torch.nn.Conv3d,
+    torch.nn.ConvTranspose1d,
+    torch.nn.ConvTranspose2d,
+    torch.nn.ConvTranspose3d,
 )
+TRANSPOSABLE = frozenset(MERGEABLE_MODULES)
 
 
 def one_linear_operation(call: RuledCall) -> bool:
@@ -63,15 +64,6 @@ def one_linear_operation(call: RuledCall) -> bool:
     return len(call.nodes) == 1 or call.merged_from is not None
 
 
-MERGEABLE_MODULES = (
-    torch.nn.Linear,
-    torch.nn.Conv1d,
-    torch.nn.Conv2d,
-    torch.nn.Conv3d,
-    torch.nn.ConvTranspose1d,
-    torch.nn.ConvTranspose2d,
-    torch.nn.ConvTranspose3d,
-)
 
 
 #: Operations a BatchNorm can be merged into (written in a forward, with parameters as weight and bias).

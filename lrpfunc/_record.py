@@ -17,6 +17,14 @@ from ._traits import RuleTraits
 Tensor = torch.Tensor
 
 
+def find_piece(parent: dict[int, int], piece: int) -> int:
+    """The root of ``piece`` in the union-find forest ``parent`` of the tape's pieces (halving the path)."""
+    while parent[piece] != piece:
+        parent[piece] = parent[parent[piece]]
+        piece = parent[piece]
+    return piece
+
+
 def tensor_leaves(tree: Any) -> list[Tensor]:
     return [leaf for leaf in optree.tree_leaves(tree, none_is_leaf=True) if isinstance(leaf, Tensor)]
 
@@ -271,8 +279,4 @@ class Trace:
     nonnegative: set[int] = field(default_factory=set)
 
     def find(self, piece: int) -> int:
-        parent = self.piece_parent
-        while parent[piece] != piece:
-            parent[piece] = parent[parent[piece]]
-            piece = parent[piece]
-        return piece
+        return find_piece(self.piece_parent, piece)

@@ -59,6 +59,7 @@ from ._record import (
     RuledCall,
     Split,
     Trace,
+    find_piece,
     flatten_call,
     tensor_leaves,
     unflatten_call,
@@ -243,11 +244,7 @@ class Tracer(TorchFunctionMode):
         self.piece_of[leaf_vid] = leaf_vid
 
     def find(self, piece: int) -> int:
-        parent = self.piece_parent
-        while parent[piece] != piece:
-            parent[piece] = parent[parent[piece]]
-            piece = parent[piece]
-        return piece
+        return find_piece(self.piece_parent, piece)
 
     def union(self, pieces: Sequence[int]) -> int:
         roots = {self.find(piece) for piece in pieces}
