@@ -214,6 +214,7 @@ class Substitution(TorchFunctionMode):
         self.replace = replace
         self.info = info
         self.view_base: dict[int, int] = {}
+        self.views_of: dict[int, list[int]] = {}
         self.stale: dict[int, str] = {}
         self.keep_alive: list[Any] = []
 
@@ -257,6 +258,7 @@ class Substitution(TorchFunctionMode):
         if is_view and isinstance(first, Tensor):
             for out in tensor_leaves(result):
                 self.view_base[id(out)] = id(first)
+                self.views_of.setdefault(id(first), []).append(id(out))
                 self.keep_alive.append(out)
             self.keep_alive.append(first)
         if mutates and isinstance(first, Tensor):
@@ -265,6 +267,11 @@ class Substitution(TorchFunctionMode):
                 while base is not None:
                     self.stale[base] = stale_message(op_name(func), "the model")
                     base = self.view_base.get(base)
+                views = list(self.views_of.get(id(first), ()))
+                while views:  # views taken before the write would see it in eager torch
+                    view = views.pop()
+                    self.stale[view] = stale_view_message(op_name(func), "the model")
+                    views.extend(self.views_of.get(view, ()))
                 self.keep_alive.append(first)
                 substitute[id(first)] = result
             return None if returns_none else result
@@ -276,6 +283,14 @@ def stale_message(op: str, where: str) -> str:
         f"attribute: the in-place operation {op} in '{where}' wrote into a view of an activation that is read "
         f"afterwards; lrpfunc records values, not memory, so write it out of place (e.g. torch.cat, torch.where or "
         f"index_put instead of slicing assignment)"
+    )
+
+
+def stale_view_message(op: str, where: str) -> str:
+    return (
+        f"attribute: the in-place operation {op} in '{where}' wrote into an activation with a view taken before it that "
+        f"is read afterwards (in eager torch the view sees the write); lrpfunc records values, not memory, so take the "
+        f"view after the write or write out of place"
     )
 
 

@@ -36,7 +36,17 @@ from . import _facts as static_facts
 from . import ops as _ops
 from . import types as _types
 from ._composite import CallSite
-from ._functionalize import FACTS, METADATA, OP_NAMES, is_float, op_facts, op_name, op_name_of, stale_message
+from ._functionalize import (
+    FACTS,
+    METADATA,
+    OP_NAMES,
+    is_float,
+    op_facts,
+    op_name,
+    op_name_of,
+    stale_message,
+    stale_view_message,
+)
 from ._interception import MODULE_CALL, run_operation
 from ._merge import (
     MERGEABLE_MODULES,
@@ -124,6 +134,7 @@ class Tracer(TorchFunctionMode):
         self.substitute: dict[int, Tensor] = {}
         self.keep_alive: list[Tensor] = []
         self.view_base: dict[int, int] = {}
+        self.views_of: dict[int, list[int]] = {}
         self.stale: dict[int, str] = {}
         # cuts and pieces
         self.cut: set[int] = set()
@@ -941,6 +952,7 @@ class Tracer(TorchFunctionMode):
             if FACTS[func][3]:
                 for vid in outputs:
                     self.view_base[vid] = vids[act[0]]  # type: ignore[assignment]
+                    self.views_of.setdefault(vids[act[0]], []).append(vid)  # type: ignore[arg-type]
         return result
 
     def note_nonnegative(self, func: Callable[..., Any], op_class: type | None, leaves: list[Any], spec: Any,
@@ -985,6 +997,11 @@ class Tracer(TorchFunctionMode):
         """An in-place write into a view changes its base, which a record of values cannot follow."""
         vid = self.vid_of.get(id(target))
         where = self.stack[-1] if self.stack else ""
+        views = list(self.views_of.get(vid, ())) if vid is not None else []
+        while views:  # views taken before the write would see it in eager torch
+            view = views.pop()
+            self.stale[view] = stale_view_message(op, where or "the model")
+            views.extend(self.views_of.get(view, ()))
         while vid is not None and vid in self.view_base:
             vid = self.view_base[vid]
             self.stale[vid] = stale_message(op, where or "the model")

@@ -483,3 +483,29 @@ def test_a_layer_output_returned_beside_its_merged_batchnorm_is_not_merged() -> 
         merged = lrpfunc.attribute(model, make(), canonizers.merge_batchnorm())(_params(model), x, seed)[1]
         unmerged = lrpfunc.attribute(model, make())(_params(model), x, seed)[1]
         torch.testing.assert_close(merged, unmerged, rtol=1e-12, atol=1e-14)
+
+
+class ViewThenWrite(nn.Module):
+    """A view taken before an in-place write to its base sees the write in eager torch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        v = h[:, :2]
+        h.relu_()
+        return v * 1.0
+
+
+@pytest.mark.parametrize("composite", [None, composites.epsilon_plus()], ids=["none", "epsilon_plus"])
+def test_a_view_read_after_an_in_place_write_to_its_base_is_refused(composite: object) -> None:
+    """Records hold values, not memory: the view would keep the old values (0.2.0 returned them silently)."""
+    model = ViewThenWrite().to(D)
+    x = torch.randn(3, 3, dtype=D)
+    before = _state(model)
+    with pytest.raises(NotImplementedError, match=r"the in-place operation relu in 'the model' wrote into an activation "
+                                                  r"with a view taken before it that is read afterwards"):
+        lrpfunc.attribute(model, composite)(_params(model, detached=True), x, torch.ones(3, 2, dtype=D))  # type: ignore[arg-type]
+    assert _unchanged(model, before)
