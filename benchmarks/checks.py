@@ -409,8 +409,9 @@ def check_rule_sites(check: Checker, setup: Setup, peers: Peers, variant: str) -
     """INFO: how many of lrpfunc's call sites the variant's composite gives a rule (``lrpfunc.rule_table``)."""
     lrpfunc = peers.lrpfunc
     try:
-        lines = str(lrpfunc.rule_table(setup.model, cases.lrpfunc_composite(lrpfunc, variant), setup.x,
-                                       *cases.lrpfunc_canonizers(lrpfunc, setup))).splitlines()
+        table = lrpfunc.rule_table(setup.model, cases.lrpfunc_composite(lrpfunc, variant), setup.x,
+                                   *cases.lrpfunc_canonizers(lrpfunc, setup))
+        lines = table.format(header=False, legend=False).splitlines()
     except Exception as exc:
         check(f"lrpfunc rule_table {variant}", "info", _status(exc))
         return
