@@ -11,7 +11,7 @@ import optree
 import torch
 
 from ._composite import CallSite, Composite, RuleTable, resolver_of
-from ._functionalize import Substitution
+from ._functionalize import Substitution, is_float
 from ._interception import eager_calls, tracing
 from ._model import ModelInfo, Stale, call_model
 from ._record import Retry, Trace
@@ -98,10 +98,6 @@ def _distinct(leaves: list[Any]) -> list[Any]:
                 leaves[index] = leaf.view_as(leaf)
             seen.add(id(leaf))
     return leaves
-
-
-def _is_float(tensor: Tensor) -> bool:
-    return tensor.is_floating_point() or tensor.is_complex()
 
 
 @dataclass
@@ -216,7 +212,7 @@ def run_trace(
         tape.begin()
         try:
             input_ids: list[int | None] = [
-                tracer.add_input(leaf) if isinstance(leaf, Tensor) and _is_float(leaf) else None for leaf in leaves
+                tracer.add_input(leaf) if isinstance(leaf, Tensor) and is_float(leaf) else None for leaf in leaves
             ]
             inputs = [tracer.tensors[vid] if vid is not None else leaf for vid, leaf in zip(input_ids, leaves)]
             with tracing(tracer):
@@ -250,7 +246,7 @@ def _plain(setup: Setup, params: Mapping[str, Tensor], x: Any, grad_output: Any,
     where = setup.where
     leaves, spec = optree.tree_flatten(x, none_is_leaf=True)
     leaves = _distinct(leaves)
-    floats = [index for index, leaf in enumerate(leaves) if _is_float(leaf)]
+    floats = [index for index, leaf in enumerate(leaves) if is_float(leaf)]
     replace = setup.replace if setup.replacers else None
     if isinstance(tape, AutogradTape):
         with torch.enable_grad():
@@ -282,9 +278,9 @@ def _plain(setup: Setup, params: Mapping[str, Tensor], x: Any, grad_output: Any,
             result = call_model(setup.model, optree.tree_unflatten(spec, current), setup.info)
         _check_tensors(where, "the model's output", result)
         result_leaves, result_spec = optree.tree_flatten(result, none_is_leaf=True)
-        shape[:] = [result_spec, [isinstance(leaf, Tensor) and _is_float(leaf) for leaf in result_leaves]]
-        differentiable = tuple(leaf for leaf in result_leaves if isinstance(leaf, Tensor) and _is_float(leaf))
-        others = tuple(leaf for leaf in result_leaves if not (isinstance(leaf, Tensor) and _is_float(leaf)))
+        shape[:] = [result_spec, [isinstance(leaf, Tensor) and is_float(leaf) for leaf in result_leaves]]
+        differentiable = tuple(leaf for leaf in result_leaves if isinstance(leaf, Tensor) and is_float(leaf))
+        others = tuple(leaf for leaf in result_leaves if not (isinstance(leaf, Tensor) and is_float(leaf)))
         return differentiable or (torch.zeros(()),), others
 
     primals = [leaves[index] for index in floats]
@@ -293,14 +289,14 @@ def _plain(setup: Setup, params: Mapping[str, Tensor], x: Any, grad_output: Any,
     else:
         differentiable, others = forward()
         pullback = None
-    result_spec, is_float = shape
+    result_spec, floating = shape
     diff_iter, other_iter = iter(differentiable), iter(others)
-    output = optree.tree_unflatten(result_spec, [next(diff_iter) if f else next(other_iter) for f in is_float])
+    output = optree.tree_unflatten(result_spec, [next(diff_iter) if f else next(other_iter) for f in floating])
     _check_tensors(where, "the model's output", output)
     grad_leaves = check_grad_output(where, output, grad_output)
     relevance = [torch.zeros_like(leaf) for leaf in leaves]
-    if pullback is not None and any(is_float):
-        cotangents = tuple(grad for grad, f in zip(grad_leaves, is_float) if f)
+    if pullback is not None and any(floating):
+        cotangents = tuple(grad for grad, f in zip(grad_leaves, floating) if f)
         for index, grad in zip(floats, pullback(cotangents)):
             relevance[index] = grad
     return output, optree.tree_unflatten(spec, relevance)

@@ -13,13 +13,14 @@ errs on the side of "unknown": a constant operand (whose sign would have to be r
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from . import ops as _ops
+from ._record import unflatten_call
 
 Tensor = torch.Tensor
 
@@ -63,26 +64,28 @@ def nonnegative(
     func: Callable[..., Any],
     op_class: type | None,
     leaves: Sequence[Any],
-    arguments: Callable[[], tuple[Sequence[Any], Mapping[str, Any]]],
-    known: Callable[[int], bool],
+    spec: Any,
+    vids: Sequence[int | None],
+    known: Collection[int],
 ) -> bool:
     """Whether the floating-point results of an operation are known to have no negative part.
 
     Args:
         func: The function as the model called it.
         op_class: Its operation class (:mod:`lrpfunc.ops`).
-        leaves: The leaves of its arguments (tensors where it reads tensors).
-        arguments: Gives ``(args, kwargs)`` (read only for bounds such as ``clamp``'s ``min``).
-        known: Whether the leaf at a position is a recorded value known to be non-negative.
+        leaves, spec: Its flattened arguments (:func:`lrpfunc._record.flatten_call`); the arguments are rebuilt only
+            for bounds such as ``clamp``'s ``min``.
+        vids: The value id of each leaf that is a recorded value (``None`` elsewhere).
+        known: The value ids known to be non-negative.
     """
     if func in _ALWAYS:
         return True
     bound = _LOWER_BOUND.get(func)
     if bound is not None:
-        args, kwargs = arguments()
+        args, kwargs = unflatten_call(spec, leaves)
         value = args[bound[0]] if len(args) > bound[0] else kwargs.get(bound[1])
         return isinstance(value, numbers.Real) and not isinstance(value, bool) and value >= 0
     if op_class is None or not issubclass(op_class, _PRESERVING) or func in _FILLING:
         return False
     floats = [p for p, t in enumerate(leaves) if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex())]
-    return bool(floats) and all(known(p) for p in floats)
+    return bool(floats) and all(vids[p] in known for p in floats)

@@ -128,13 +128,11 @@ class RuledCall:
         merged_from: The BatchNorm folded into this call.
         transposed: The call is one linear operation whose pullback is its closed-form transpose
             (:func:`lrpfunc.ops.transpose_of`): it runs quietly even though its rule uses the pullback.
-        passes_through: The rule passes the relevance through unchanged: the sweep moves the cotangent itself.
-        records: Whether the call's operations are recorded (a rule that neither replays nor pulls back needs none).
     """
 
     __slots__ = (
         "site", "rule", "traits", "needs_pullback", "module", "inputs", "lifted", "index_of", "outputs", "nodes", "param_vids", "params",
-        "forward", "input_sources", "op_class", "pullbacks", "merged_from", "transposed", "passes_through", "records",
+        "forward", "input_sources", "op_class", "pullbacks", "merged_from", "transposed",
         "channel_scale", "closed_pullback",
     )
 
@@ -158,8 +156,6 @@ class RuledCall:
         self.pullbacks: list[tuple[tuple[int, ...], tuple[int, ...], Callable[..., Any]]] = []
         self.merged_from: str | None = None
         self.transposed = False
-        self.passes_through = traits.passes_through
-        self.records = traits.records
         self.channel_scale: Callable[[], Tensor] | None = None
         #: A closed-form pullback of the call's one operation w.r.t. its two inputs (a sum of activations).
         self.closed_pullback: Callable[..., tuple[Tensor, Tensor]] | None = None

@@ -333,7 +333,7 @@ def sweep(
                     if grad is not None:
                         add(vid, grad, gradient=True)
                 continue
-            if step.passes_through and len(outputs) == 1 and len(step.inputs) == 1 and not wants_params:
+            if step.traits.passes_through and len(outputs) == 1 and len(step.inputs) == 1 and not wants_params:
                 (vid,) = outputs
                 grad = as_relevance(vid)
                 if grad is not None and grad.shape == low[step.inputs[0]].shape:

@@ -801,7 +801,7 @@ class Tracer(TorchFunctionMode):
         for vid in outputs:
             owner_of[vid] = call
             low[vid] = tensors[vid] if quiet or per_op else self.tape.lower(tensors[vid])
-        if not call.records:
+        if not call.traits.records:
             source = self.source.get(inputs[0]) if op_class is _ops.DataMovement and inputs else op_class
             for vid in outputs:
                 self.source[vid] = source
@@ -958,10 +958,8 @@ class Tracer(TorchFunctionMode):
     def note_nonnegative(self, func: Callable[..., Any], op_class: type | None, leaves: list[Any], spec: Any,
                          vids: list[int | None], outputs: Sequence[int]) -> None:
         """Note the ``outputs`` of ``func`` as non-negative where the operation makes them so (a static fact)."""
-        nonnegative = self.nonnegative
-        if outputs and static_facts.nonnegative(func, op_class, leaves, lambda: unflatten_call(spec, leaves),
-                                          lambda position: vids[position] in nonnegative):
-            nonnegative.update(outputs)
+        if outputs and static_facts.nonnegative(func, op_class, leaves, spec, vids, self.nonnegative):
+            self.nonnegative.update(outputs)
 
     def _run_vjp(self, fn: Callable[..., Any], leaves: list[Any], spec: Any, act: list[int]) -> tuple[Any, Callable[..., Any]]:
         """Run ``fn`` under :func:`torch.func.vjp` w.r.t. the activation leaves (the per-operation tape)."""

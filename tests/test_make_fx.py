@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import torch.nn.functional as F
 import zoo
 from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -121,8 +122,6 @@ class Signs(nn.Module):
         h = self.after_shift(torch.relu(h) - 1.0)
         return self.after_fill(torch.relu(h).masked_fill(h > 0.5, -3.0))
 
-
-F = torch.nn.functional
 
 
 def test_nonnegative_inputs_are_known_from_the_operations_that_made_them() -> None:
