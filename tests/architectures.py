@@ -28,6 +28,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 import torch.nn.functional as F
 from hypothesis import strategies as st
+from models import randomize_batchnorm
 from torch import Tensor, nn
 
 D = torch.float64
@@ -410,15 +411,6 @@ class Norm(Block):
         if self.form == "F.layer_norm":
             return F.layer_norm(h, (self.width,), self.weight)
         return self.norm(h)
-
-
-def randomize_batchnorm(bn: nn.Module) -> None:
-    """Non-trivial running statistics and affine parameters."""
-    with torch.no_grad():
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.uniform_(-0.5, 0.5)
-        bn.running_mean.uniform_(-0.3, 0.3)
-        bn.running_var.uniform_(0.5, 2.0)
 
 
 class BatchNormAfter(Block):

@@ -64,12 +64,17 @@ def build(name: str, state_dict: dict[str, torch.Tensor] | None = None) -> nn.Mo
     return model
 
 
+def randomize_batchnorm(bn: nn.Module) -> None:
+    """Give one BatchNorm non-trivial running statistics and affine parameters."""
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+        bn.running_mean.uniform_(-0.3, 0.3)
+        bn.running_var.uniform_(0.5, 2.0)
+
+
 def randomize_batchnorms(model: nn.Module) -> None:
     """Give every BatchNorm2d non-trivial statistics and affine parameters, so merging them is tested."""
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.weight.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.5, 0.5)
-                module.running_mean.uniform_(-0.3, 0.3)
-                module.running_var.uniform_(0.5, 2.0)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            randomize_batchnorm(module)

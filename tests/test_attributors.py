@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from models import build
 
 import lrpfunc
 from lrpfunc import canonizers, composites
-from models import build
 
 DATA = Path(__file__).parent / "data"
 DOUBLE = torch.float64

@@ -7,12 +7,12 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from models import TinyResNet, randomize_batchnorms
 from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 
 import lrpfunc
 from lrpfunc import canonizers, composites, rules, types
-from models import TinyResNet, randomize_batchnorms
 
 D = torch.float64
 

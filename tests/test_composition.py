@@ -10,12 +10,12 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from models import TinyResNet, cnn, mlp, randomize_batchnorms
 from torch import nn
 from torch.func import grad, hessian, jacfwd, jacrev, vmap
 
 import lrpfunc
 from lrpfunc import canonizers, composites, rules, types
-from models import TinyResNet, cnn, mlp, randomize_batchnorms
 
 with warnings.catch_warnings():
     # torch scripts its forward-mode decompositions when jacfwd/jvp is first used and warns that

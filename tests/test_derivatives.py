@@ -12,12 +12,12 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from models import TinyResNet, randomize_batchnorms
 from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 
 import lrpfunc
 from lrpfunc import ParamMod, canonizers, composites, rules, types
-from models import TinyResNet, randomize_batchnorms
 
 D = torch.float64
 MARGIN = 1e-4

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from architectures import randomize_batchnorm
+from models import randomize_batchnorm
 from torch import nn
 
 import lrpfunc

@@ -10,8 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from lrpfunc.image import (COLORMAPS, colorbar, colormap, heatmap, heatmap_grid, labelled_grid, save_heatmap,
-                           save_heatmap_grid)
+from lrpfunc.image import (
+    COLORMAPS,
+    colorbar,
+    colormap,
+    heatmap,
+    heatmap_grid,
+    labelled_grid,
+    save_heatmap,
+    save_heatmap_grid,
+)
 
 # Zennit 0.5.1 CMAPS sources (zennit/image.py), the reference these tests pin against.
 ZENNIT_SOURCES = {

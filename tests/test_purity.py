@@ -9,12 +9,12 @@ import threading
 
 import pytest
 import torch
+from models import TinyResNet, cnn, randomize_batchnorms
 from torch import nn
 from torch.nn.modules import module as module_globals
 
 import lrpfunc
 from lrpfunc import canonizers, composites, rules, types
-from models import TinyResNet, cnn, randomize_batchnorms
 
 D = torch.float64
 

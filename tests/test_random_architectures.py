@@ -34,8 +34,9 @@ from hypothesis import HealthCheck, given, settings
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
-import lrpfunc  # noqa: E402
 from architectures import KNOWN_DEFECTS, Architecture, architectures, sample  # noqa: E402
+
+import lrpfunc  # noqa: E402
 from lrpfunc import canonizers, composites, ops, rules, types  # noqa: E402
 
 with warnings.catch_warnings():

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from models import TinyResNet
 from torch import nn
 
 import lrpfunc
 from lrpfunc import canonizers, composites, rules, types
-from models import TinyResNet
 
 D = torch.float64
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from models import build
 
 import lrpfunc
 from lrpfunc import canonizers, composites, rules, types
-from models import build
 
 DATA = Path(__file__).parent / "data"
 CASES = sorted(

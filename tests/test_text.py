@@ -11,8 +11,15 @@ from hypothesis import strategies as st
 from PIL import Image, ImageFont
 
 from lrpfunc.image import COLORMAPS, colormap, heatmap
-from lrpfunc.text import (SCHEMES, display_tokens, save_token_heatmap, save_token_heatmap_html, token_colors,
-                          token_heatmap, token_heatmap_html)
+from lrpfunc.text import (
+    SCHEMES,
+    display_tokens,
+    save_token_heatmap,
+    save_token_heatmap_html,
+    token_colors,
+    token_heatmap,
+    token_heatmap_html,
+)
 
 BLACK, WHITE, BLUE, RED = (0, 0, 0), (255, 255, 255), (0, 0, 255), (255, 0, 0)
 

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+import zoo
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-import zoo
 from benchmarks.models import BasicBlock, Bottleneck
 
 NAMES = list(zoo.ZOO)
