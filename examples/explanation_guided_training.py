@@ -33,6 +33,7 @@ Run it with ``python examples/explanation_guided_training.py [OUT]`` (default
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 import torch
@@ -94,6 +95,8 @@ def train(penalty: str, lam: float, steps: int, seed: int) -> nn.Module:
     model = make_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     explain = lrpfunc.attribute(model, PENALTIES[penalty])
+    # the loss is differentiated through the relevance (loss.backward()), so the parameters require grad on purpose
+    warnings.filterwarnings("ignore", category=lrpfunc.ParamsRequireGradWarning)
     mask = decoy_mask()
     for _ in range(steps):
         x, y = make_data(64, generator)
@@ -117,7 +120,7 @@ def evaluate(model: nn.Module, seed: int) -> dict:
         with torch.no_grad():
             result[f"accuracy_{decoy}"] = (model(x).argmax(1) == y).float().mean().item()
     x, y = make_data(200, generator, "train")
-    params = dict(model.named_parameters())
+    params = {name: p.detach() for name, p in model.named_parameters()}
     mask = decoy_mask()
     for name, composite in (("gradient", None), ("lrp", composites.epsilon_plus_flat())):
         relevance = lrpfunc.attribute(model, composite)(params, x, torch.eye(2)[y])[1].detach().abs()
@@ -127,7 +130,7 @@ def evaluate(model: nn.Module, seed: int) -> dict:
 
 def save_heatmaps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, path: Path, scale: int = 8) -> None:
     """Rows: images; columns: input, gradient, LRP epsilon_plus_flat (both for the true class)."""
-    params = dict(model.named_parameters())
+    params = {name: p.detach() for name, p in model.named_parameters()}
     maps = [lrpfunc.attribute(model, composite)(params, x, torch.eye(2)[y])[1].detach()
             for composite in (None, composites.epsilon_plus_flat())]
     rows = [[to_image(x[row])] + [heatmap(relevance[row]) for relevance in maps] for row in range(len(x))]

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None, *, fast: bool = False) -> dict:
         predicted = model(x_test).argmax(1)
     accuracy = (predicted == y_test).float().mean().item()
 
-    params = dict(model.named_parameters())
+    params = {name: p.detach() for name, p in model.named_parameters()}  # a heatmap: no tape for the parameters
     x, y, mask = x_test[: args.samples], y_test[: args.samples], masks[: args.samples]
     grad_output = torch.eye(len(CLASSES))[y]  # explain the true class of each image
     low, high = float(x_test.min()), float(x_test.max())  # the input domain, for the ZBox rule

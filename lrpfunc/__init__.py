@@ -5,16 +5,19 @@ from ._attribute import attribute, attribute_with_params, rule_table
 from ._attributors import integrated_gradients, occlusion, smooth_grad
 from ._basic import ParamMod
 from ._call import Call, Propagated, RuleError
+from ._checks import ParamsRequireGradWarning, TrainingModeWarning
 from ._composite import CallSite, RuleTable
 from ._conservation import ConservationReport, SiteRelevance, conservation
 from ._layers import attribute_layers
 from ._stabilize import Stabilizer, stabilize
+from ._targets import from_logit
 
 __all__ = [
     "attribute",
     "attribute_with_params",
     "attribute_layers",
     "rule_table",
+    "from_logit",
     "conservation",
     "ConservationReport",
     "SiteRelevance",
@@ -26,6 +29,8 @@ __all__ = [
     "CallSite",
     "Propagated",
     "RuleError",
+    "TrainingModeWarning",
+    "ParamsRequireGradWarning",
     "RuleTable",
     "Stabilizer",
     "stabilize",

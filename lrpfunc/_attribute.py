@@ -10,6 +10,17 @@ from typing import Any
 import optree
 import torch
 
+from ._checks import (
+    ParamsRequireGradWarning,
+    TrainingModeWarning,
+    check_grad_output,
+    check_params,
+    check_setup,
+    check_tensors,
+    mode_dependent,
+    warn_params_require_grad,
+    warn_training_mode,
+)
 from ._composite import CallSite, Composite, RuleTable, resolver_of
 from ._functionalize import Substitution, is_float
 from ._interception import eager_calls, tracing
@@ -22,71 +33,9 @@ from .canonizers import Canonizer
 
 Tensor = torch.Tensor
 
-__all__ = ["attribute", "attribute_with_params", "rule_table", "Setup", "run_trace", "check_grad_output"]
+__all__ = ["attribute", "attribute_with_params", "rule_table", "Setup", "run_trace"]
 
 AttributionFn = Callable[[Mapping[str, Tensor], Any, Any], tuple[Any, Any]]
-
-
-def _check_setup(where: str, model: Any, composite: Any, canonizers: Any) -> tuple[Canonizer, ...]:
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"{where}: model must be a torch.nn.Module, got {type(model).__name__}")
-    if composite is not None and not isinstance(composite, Composite):
-        raise TypeError(
-            f"{where}: composite must be None or a composite from lrpfunc.composites (an object with "
-            f"resolve(sites)), got {type(composite).__name__}"
-        )
-    if isinstance(canonizers, Canonizer):
-        canonizers = (canonizers,)
-    canonizers = tuple(canonizers)
-    for canonizer in canonizers:
-        if not isinstance(canonizer, Canonizer):
-            raise TypeError(
-                f"{where}: canonizers must be lrpfunc.canonizers.Canonizer instances, got {type(canonizer).__name__}"
-            )
-    return canonizers
-
-
-def _check_params(where: str, info: ModelInfo, model: torch.nn.Module, params: Any) -> None:
-    if not isinstance(params, Mapping):
-        raise TypeError(
-            f"{where}: params must be a mapping of names to tensors like dict(model.named_parameters()), "
-            f"got {type(params).__name__}"
-        )
-    unknown = [name for name in params if name not in info.known]
-    if unknown:
-        raise ValueError(
-            f"{where}: params has names that are neither parameters nor buffers of {type(model).__name__}: "
-            f"{', '.join(repr(name) for name in unknown)}"
-        )
-    for name, value in params.items():
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{where}: params[{name!r}] must be a tensor, got {type(value).__name__}")
-
-
-def _check_tensors(where: str, what: str, tree: Any) -> None:
-    paths, leaves, _ = optree.tree_flatten_with_path(tree, none_is_leaf=True)
-    for path, leaf in zip(paths, leaves):
-        if not isinstance(leaf, Tensor):
-            location = what + "".join(f"[{key!r}]" for key in path)
-            raise TypeError(f"{where}: {location} must be a tensor (or a pytree of tensors), got {type(leaf).__name__}")
-
-
-def check_grad_output(where: str, output: Any, grad_output: Any) -> list[Tensor]:
-    """The leaves of ``grad_output``, checked to have the structure and shapes of the model's ``output``."""
-    output_leaves, output_spec = optree.tree_flatten(output, none_is_leaf=True)
-    grad_leaves, grad_spec = optree.tree_flatten(grad_output, none_is_leaf=True)
-    if grad_spec != output_spec:
-        raise ValueError(
-            f"{where}: grad_output must have the structure of the model's output ({output_spec}), got {grad_spec}"
-        )
-    for index, (out, grad) in enumerate(zip(output_leaves, grad_leaves)):
-        if not isinstance(grad, Tensor) or grad.shape != out.shape:
-            got = tuple(grad.shape) if isinstance(grad, Tensor) else type(grad).__name__
-            leaf = f" (output leaf {index})" if len(output_leaves) > 1 else ""
-            raise ValueError(
-                f"{where}: grad_output{leaf} must have the output's shape {tuple(out.shape)}, got {got}"
-            )
-    return grad_leaves
 
 
 def _distinct(leaves: list[Any]) -> list[Any]:
@@ -121,6 +70,17 @@ class Setup:
         self.rewrites = [c for c in self.canonizers if type(c).rewrite is not Canonizer.rewrite]
         self.replacers = [c for c in self.canonizers if type(c).replace_op is not Canonizer.replace_op]
         self.traced = self.composite is not None or bool(self.rewrites)
+        self.mode_dependent = mode_dependent(self.model, batchnorm=not self.merge)  # a merge refuses a training one
+        self.warned: set[type[Warning]] = set()
+
+    def warn(self, params: Mapping[str, Tensor], others: list[Any], tape: Tape) -> None:
+        """Warn once per attribution function: when the model computes in training mode, and when the exact tape
+        was chosen only because ``params`` require grad (``others``: the leaves of x, grad_output and masks)."""
+        if TrainingModeWarning not in self.warned and warn_training_mode(self.where, self.model, self.mode_dependent):
+            self.warned.add(TrainingModeWarning)
+        exact = not isinstance(tape, AutogradTape)
+        if ParamsRequireGradWarning not in self.warned and warn_params_require_grad(self.where, params, others, exact):
+            self.warned.add(ParamsRequireGradWarning)
 
     def refresh(self, stale: Stale) -> None:
         """Read the model's structure again after a trace met a module or parameter it did not list; one that is
@@ -129,6 +89,7 @@ class Setup:
         if stale.key not in info.names and stale.key not in info.ids:
             info.foreign.add(stale.key)
         self.info = info
+        self.mode_dependent = mode_dependent(self.model, batchnorm=not self.merge)
 
     def replace(self, func: Callable[..., Any]) -> Callable[..., Any]:
         for canonizer in self.replacers:
@@ -254,7 +215,7 @@ def _plain(setup: Setup, params: Mapping[str, Tensor], x: Any, grad_output: Any,
                 leaves[index] = leaves[index].detach().requires_grad_()
             with Substitution(setup.info, params, replace, detach=True):  # checkpoints work under plain autograd
                 output = call_model(setup.model, optree.tree_unflatten(spec, leaves), setup.info)
-        _check_tensors(where, "the model's output", output)
+        check_tensors(where, "the model's output", output)
         grad_leaves = check_grad_output(where, output, grad_output)
         output_leaves = optree.tree_leaves(output, none_is_leaf=True)
         pairs = [(out, grad) for out, grad in zip(output_leaves, grad_leaves) if out.requires_grad]
@@ -276,7 +237,7 @@ def _plain(setup: Setup, params: Mapping[str, Tensor], x: Any, grad_output: Any,
             current[index] = value
         with Substitution(setup.info, params, replace), eager_calls():
             result = call_model(setup.model, optree.tree_unflatten(spec, current), setup.info)
-        _check_tensors(where, "the model's output", result)
+        check_tensors(where, "the model's output", result)
         result_leaves, result_spec = optree.tree_flatten(result, none_is_leaf=True)
         shape[:] = [result_spec, [isinstance(leaf, Tensor) and is_float(leaf) for leaf in result_leaves]]
         differentiable = tuple(leaf for leaf in result_leaves if isinstance(leaf, Tensor) and is_float(leaf))
@@ -292,7 +253,7 @@ def _plain(setup: Setup, params: Mapping[str, Tensor], x: Any, grad_output: Any,
     result_spec, floating = shape
     diff_iter, other_iter = iter(differentiable), iter(others)
     output = optree.tree_unflatten(result_spec, [next(diff_iter) if f else next(other_iter) for f in floating])
-    _check_tensors(where, "the model's output", output)
+    check_tensors(where, "the model's output", output)
     grad_leaves = check_grad_output(where, output, grad_output)
     relevance = [torch.zeros_like(leaf) for leaf in leaves]
     if pullback is not None and any(floating):
@@ -320,22 +281,18 @@ def _run(
     where = setup.where
     if any(name not in setup.info.known for name in params):  # the model may have gained a parameter
         setup.info = ModelInfo(setup.model, setup.info.foreign)
-    _check_params(where, setup.info, setup.model, params)
-    _check_tensors(where, "x", x)
-    given = [
-        *params.values(),
-        *optree.tree_leaves(x, none_is_leaf=True),
-        *optree.tree_leaves(grad_output, none_is_leaf=True),
-        *more,
-    ]
-    tape = choose_tape(given)
+    check_params(where, setup.info, setup.model, params)
+    check_tensors(where, "x", x)
+    others = [*optree.tree_leaves(x, none_is_leaf=True), *optree.tree_leaves(grad_output, none_is_leaf=True), *more]
+    tape = choose_tape([*params.values(), *others])
+    setup.warn(params, others, tape)
     if not setup.traced and observe is None and param_relevance is None:
         return refreshing(setup, lambda: _plain(setup, params, x, grad_output, tape))
     # the one place that decides the form: rules without stabilizer propagate gradients (fast, see lrpfunc._sweep)
     # unless parameter relevance is asked for, which needs every rule in relevance form
     forms = param_relevance is None
     trace = refreshing(setup, lambda: run_trace(setup, params, x, tape, observe=observe, transparent=forms))
-    _check_tensors(where, "the model's output", trace.output)
+    check_tensors(where, "the model's output", trace.output)
     grad_leaves = check_grad_output(where, trace.output, grad_output) if seed_output else []
     with torch.no_grad() if not tape.exact else contextlib.nullcontext():
         cotangents = sweep(
@@ -400,7 +357,7 @@ def attribute(
         >>> per_sample = torch.func.vmap(fn, in_dims=(None, 0, 0))(params, x, torch.eye(2)[[0] * 5])
     """
     where = f"attribute({type(model).__name__}, composite)"
-    setup = Setup(where, model, composite, _check_setup(where, model, composite, canonizers))
+    setup = Setup(where, model, composite, check_setup(where, model, composite, canonizers))
 
     def attribution(params: Mapping[str, Tensor], x: Any, grad_output: Any) -> tuple[Any, Any]:
         return _run(setup, params, x, grad_output, None)
@@ -430,7 +387,7 @@ def attribute_with_params(
         the name of that module. Composes with ``torch.func`` like :func:`attribute`.
     """
     where = f"attribute_with_params({type(model).__name__}, composite)"
-    setup = Setup(where, model, composite, _check_setup(where, model, composite, canonizers))
+    setup = Setup(where, model, composite, check_setup(where, model, composite, canonizers))
 
     def attribution(params: Mapping[str, Tensor], x: Any, grad_output: Any) -> tuple[Any, Any, dict[str, Tensor]]:
         relevances: dict[str, Tensor] = {}
@@ -454,12 +411,12 @@ def rule_table(
     rule are covered by it and listed as such.
     """
     where = f"rule_table({type(model).__name__}, composite)"
-    setup = Setup(where, model, composite, _check_setup(where, model, composite, canonizers))
+    setup = Setup(where, model, composite, check_setup(where, model, composite, canonizers))
     params = dict(params or {})
-    _check_params(where, setup.info, model, params)
-    _check_tensors(where, "x", x)
+    check_params(where, setup.info, model, params)
+    check_tensors(where, "x", x)
     with torch.no_grad():
         trace = refreshing(setup, lambda: run_trace(setup, params, x, AutogradTape(), record_sites=True))
-    _check_tensors(where, "the model's output", trace.output)
+    check_tensors(where, "the model's output", trace.output)
     rows = tuple((site, rule) for site, rule, _ in trace.sites)
     return RuleTable(rows, tuple(by for _, _, by in trace.sites))

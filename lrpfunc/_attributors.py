@@ -22,7 +22,8 @@ from typing import Any
 import optree
 import torch
 
-from ._attribute import _check_params, _check_setup, attribute, check_grad_output
+from ._attribute import attribute
+from ._checks import check_grad_output, check_params, check_setup
 from ._composite import Composite
 from ._functionalize import evaluate
 from ._model import ModelInfo
@@ -150,7 +151,7 @@ def integrated_gradients(
         >>> output, attribution = fn(dict(model.named_parameters()), x, torch.eye(10)[labels])
     """
     where = f"integrated_gradients({type(model).__name__})"
-    canonizers = _check_setup(where, model, composite, canonizers)
+    canonizers = check_setup(where, model, composite, canonizers)
     n_iter = _positive_int(where, "n_iter", n_iter)
     chunk_size = _check_chunk_size(where, chunk_size)
     _check_baseline_type(where, baseline)
@@ -210,7 +211,7 @@ def smooth_grad(
         Smilkov et al. (2017), SmoothGrad: removing noise by adding noise, arXiv:1706.03825.
     """
     where = f"smooth_grad({type(model).__name__})"
-    canonizers = _check_setup(where, model, composite, canonizers)
+    canonizers = check_setup(where, model, composite, canonizers)
     n_iter = _positive_int(where, "n_iter", n_iter)
     chunk_size = _check_chunk_size(where, chunk_size)
     if isinstance(noise_level, bool) or not isinstance(noise_level, numbers.Real):
@@ -362,7 +363,7 @@ def occlusion(
         def run(params: Mapping[str, Tensor], x: Tensor) -> Any:
             return evaluate(model, params, x, info)
 
-        _check_params(where, info, model, params)
+        check_params(where, info, model, params)
         _check_x(where, x)
         if x.ndim < 2:
             raise ValueError(

@@ -9,19 +9,11 @@ from typing import Any
 import optree
 import torch
 
-from ._attribute import (
-    Setup,
-    _check_params,
-    _check_setup,
-    _check_tensors,
-    _seeds,
-    check_grad_output,
-    refreshing,
-    run_trace,
-)
+from ._attribute import Setup, _seeds, refreshing, run_trace
+from ._checks import check_grad_output, check_params, check_setup, check_tensors
 from ._composite import CallSite, Composite, rule_name
 from ._sweep import sweep
-from ._tape import VjpTape
+from ._tape import AutogradTape, VjpTape
 from .canonizers import Canonizer
 
 Tensor = torch.Tensor
@@ -115,11 +107,12 @@ def conservation(
         >>> print(report.leaks()[:3])
     """
     where = f"conservation({type(model).__name__}, composite)"
-    setup = Setup(where, model, composite, _check_setup(where, model, composite, canonizers))
+    setup = Setup(where, model, composite, check_setup(where, model, composite, canonizers))
 
     def report(params: Mapping[str, Tensor], x: Any, grad_output: Any) -> ConservationReport:
-        _check_params(where, setup.info, setup.model, params)
-        _check_tensors(where, "x", x)
+        check_params(where, setup.info, setup.model, params)
+        check_tensors(where, "x", x)
+        setup.warn(params, [], AutogradTape())  # the training mode only: a report's tape is never the user's choice
         rows: list[tuple[int, SiteRelevance]] = []
 
         def record(site: CallSite | None, rule: Any, grads_in: Sequence[Tensor | None], grads_out: Sequence[Tensor | None]) -> None:
@@ -131,7 +124,7 @@ def conservation(
 
         with torch.no_grad():
             trace = refreshing(setup, lambda: run_trace(setup, params, x, VjpTape(), record_sites=True))
-            _check_tensors(where, "the model's output", trace.output)
+            check_tensors(where, "the model's output", trace.output)
             grad_leaves = check_grad_output(where, trace.output, grad_output)
             cotangents = sweep(trace, _seeds(trace, grad_leaves), recorder=record)
         leaves = optree.tree_leaves(x, none_is_leaf=True)

@@ -9,7 +9,8 @@ from typing import Any
 import optree
 import torch
 
-from ._attribute import Setup, _check_setup, _run
+from ._attribute import Setup, _run
+from ._checks import check_setup
 from ._composite import Composite
 from .canonizers import Canonizer
 
@@ -111,7 +112,7 @@ def attribute_layers(
         >>> concept_maps = torch.func.vmap(lambda m: fn(params, x, grad_output, {"features.10": m})[1])(masks)
     """
     where = f"attribute_layers({type(model).__name__}, composite)"
-    setup = Setup(where, model, composite, _check_setup(where, model, composite, canonizers))
+    setup = Setup(where, model, composite, check_setup(where, model, composite, canonizers))
     if isinstance(layers, str):
         layers = [layers]
     modules = dict(model.named_modules(remove_duplicate=False))

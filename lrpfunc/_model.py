@@ -33,7 +33,8 @@ class ModelInfo:
         ):
             names_of.setdefault(id(tensor), (tensor, []))[1].append(name)
         self.tensors: list[tuple[Tensor, list[str]]] = list(names_of.values())
-        self.known = {name for _, names in self.tensors for name in names}
+        self.by_name: dict[str, Tensor] = {name: tensor for tensor, names in self.tensors for name in names}
+        self.known = self.by_name.keys()
         self.ids = set(names_of)
         self.foreign: set[int] = set() if foreign is None else foreign
         self._module_params: dict[int, list[tuple[str, Tensor]]] = {}

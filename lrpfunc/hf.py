@@ -122,8 +122,8 @@ def attribute_tokens(
         ``(B,)`` tensor (one per sequence), or ``(K,)``/``(K, B)`` for ``K`` targets at once, computed from one
         forward pass (``vmap`` over the seeds). ``position``: for a language model, the position whose next-token
         logits are explained, an int or a ``(K,)`` tensor (one per target: every generated position at once).
-        ``params``: the model's parameters by name (default: its own), so that the result is differentiable w.r.t.
-        them like any attribution.
+        ``params``: the model's parameters by name (default: its own, detached), so that the result is
+        differentiable w.r.t. them like any attribution.
 
     Example:
         >>> explain = attribute_tokens(model, lrpfunc.composites.attnlrp())
@@ -153,7 +153,8 @@ def attribute_tokens(
             raise ValueError(f"attribute_tokens: input_ids must be an integer tensor (B, L), got {got}")
         if target is not None and targets is not None:
             raise ValueError("attribute_tokens: give target (one attribution) or targets (several), not both")
-        given = dict(model.named_parameters()) if params is None else dict(params)
+        # the model's own parameters detached by default: a heatmap needs no tape for them (ParamsRequireGradWarning)
+        given = {name: p.detach() for name, p in model.named_parameters()} if params is None else dict(params)
         local = {"weight": given[embedding_weight]} if embedding_weight in given else {}
         embeds = evaluate(embedding, local, input_ids, embedding_info)
         wrapped = {f"model.{name}": value for name, value in given.items()}

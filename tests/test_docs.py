@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+# examples and pages are what users copy: a heatmap there must take the fast path, without the hint
+pytestmark = pytest.mark.filterwarnings("error::lrpfunc.ParamsRequireGradWarning")
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```\s*$", re.MULTILINE | re.DOTALL)

@@ -15,6 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
+# examples and pages are what users copy: a heatmap there must take the fast path, without the hint
+pytestmark = pytest.mark.filterwarnings("error::lrpfunc.ParamsRequireGradWarning")
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 NAMES = (
     "quickstart",

@@ -221,6 +221,7 @@ def test_failure_of_a_training_mode_merge_leaves_the_model_untouched() -> None:
     assert_untouched(model, before)
 
 
+@pytest.mark.filterwarnings("ignore::lrpfunc.TrainingModeWarning")
 def test_training_mode_batchnorm_buffers_untouched_without_merge() -> None:
     """A model in training mode computes batch statistics; attribution must still not update the running
     statistics (nor ``num_batches_tracked``) that a plain forward pass would update."""
