@@ -117,10 +117,11 @@ def attribute_tokens(
             rule; ``False`` skips it).
 
     Returns:
-        ``explain(input_ids, target=None, *, position=-1, attention_mask=None, params=None) -> TokenAttribution``.
-        ``target``: class indices for a classifier, token ids for a language model: ``None`` (the argmax), an int, a
-        ``(B,)`` tensor (one per sequence), or ``(K,)``/``(K, B)`` for ``K`` targets at once, computed from one
-        forward pass (``vmap`` over the seeds). ``position``: for a language model, the position whose next-token
+        ``explain(input_ids, target=None, *, targets=None, position=-1, attention_mask=None, params=None) ->
+        TokenAttribution``. ``target``: class indices for a classifier, token ids for a language model: ``None`` (the
+        argmax), an int, or a ``(B,)`` tensor (one per sequence). ``targets``: ``(K,)`` (the same for every sequence)
+        or ``(K, B)`` for ``K`` targets at once, computed from one forward pass (``vmap`` over the seeds); give
+        ``target`` or ``targets``, not both. ``position``: for a language model, the position whose next-token
         logits are explained, an int or a ``(K,)`` tensor (one per target: every generated position at once).
         ``params``: the model's parameters by name (default: its own, detached), so that the result is
         differentiable w.r.t. them like any attribution.
