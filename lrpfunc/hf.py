@@ -114,7 +114,8 @@ def attribute_tokens(
             every attribution here).
         canonizers: Canonizers, as for :func:`lrpfunc.attribute`.
         positions: Report the relevance of learned position embeddings (costs the parameter relevance of every
-            rule; ``False`` skips it).
+            rule, and a batch of ``B > 1`` sequences is attributed one sequence at a time, since the batch shares one
+            position embedding tensor; ``False`` skips it).
 
     Returns:
         ``explain(input_ids, target=None, *, targets=None, position=-1, attention_mask=None, params=None) ->
@@ -166,24 +167,33 @@ def attribute_tokens(
         seeds = _seeds(logits, targets if several else target, position, several)
         use_params = bool(position_names)
 
-        def one(seed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-            if use_params:
-                output, relevance, by_param = with_params(wrapped, x, seed)
-            else:
-                output, relevance = plain(wrapped, x, seed)
-                by_param = {}
-            value = (output * seed).flatten(1).sum(1)  # the target logit of each sequence
-            embedded = relevance[0] * value.reshape(-1, 1, 1)  # start from the logit's value: relevance is linear in it
-            taken = torch.zeros(embedded.shape[:-1], dtype=embedded.dtype, device=embedded.device)
-            for name in position_names:
-                if name in by_param:
-                    taken = taken + by_param[name].sum(-1) * value.reshape(-1, 1)
-            return embedded, taken, value
+        def attribute_rows(rows: slice) -> tuple[Tensor, Tensor, Tensor]:
+            part = tuple(t[rows] for t in x)
 
-        if several:
-            embedded, taken, value = torch.func.vmap(one)(seeds)
+            def one(seed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                if use_params:
+                    output, relevance, by_param = with_params(wrapped, part, seed)
+                else:
+                    output, relevance = plain(wrapped, part, seed)
+                    by_param = {}
+                value = (output * seed).flatten(1).sum(1)  # the target logit of each sequence
+                embedded = relevance[0] * value.reshape(-1, 1, 1)  # start from the logit's value: relevance is linear
+                taken = torch.zeros(embedded.shape[:-1], dtype=embedded.dtype, device=embedded.device)
+                for name in position_names:
+                    if name in by_param:
+                        taken = taken + by_param[name].sum(-1) * value.reshape(-1, 1)
+                return embedded, taken, value
+
+            return torch.func.vmap(one)(seeds[:, rows]) if several else one(seeds[0, rows])
+
+        batch = input_ids.shape[0]
+        if use_params and batch > 1:
+            # a learned position embedding is one tensor (1, L, H) that the batch shares, so its relevance is summed
+            # over the sequences: it is each sequence's own only when the sequences are attributed one at a time
+            parts = [attribute_rows(slice(row, row + 1)) for row in range(batch)]
+            embedded, taken, value = (torch.cat(pieces, dim=1 if several else 0) for pieces in zip(*parts))
         else:
-            embedded, taken, value = one(seeds[0])
+            embedded, taken, value = attribute_rows(slice(None))
         return TokenAttribution(
             tokens=embedded.sum(-1),
             embeddings=embedded,

@@ -438,6 +438,29 @@ def test_sixteen_target_tokens_from_one_forward_pass_equal_a_loop() -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("build", [_gpt2, _bert], ids=["gpt2", "bert"])
+def test_learned_positions_of_a_batch_are_each_sequences_own(build) -> None:
+    """The batch shares one position embedding tensor; its relevance is still reported per sequence, equal to
+    attributing each sequence alone (with padding: an attention mask), for one target and for several."""
+    model = build()
+    explain = lrpfunc.hf.attribute_tokens(model, composites.attnlrp())
+    torch.manual_seed(6)
+    ids = torch.randint(0, 64, (3, 6))
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[1, :2] = 0
+    batched = explain(ids, attention_mask=mask)
+    language = batched.logits.ndim == 3
+    several = explain(ids, targets=torch.tensor([1, 2]), attention_mask=mask)
+    for row in range(3):
+        alone = explain(ids[row : row + 1], attention_mask=mask[row : row + 1])
+        for field in ("positions", "tokens", "target"):
+            torch.testing.assert_close(getattr(batched, field)[row], getattr(alone, field)[0], rtol=1e-9, atol=1e-12)
+        for k, target in enumerate([1, 2]):
+            single = explain(ids[row : row + 1], target=target, attention_mask=mask[row : row + 1])
+            torch.testing.assert_close(several.positions[k, row], single.positions[0], rtol=1e-9, atol=1e-12)
+    assert batched.positions.abs().sum() > 0 and language == (build is _gpt2)
+
+
 def test_attribute_tokens_reports_tokens_and_learned_positions() -> None:
     model = _gpt2()
     explain = lrpfunc.hf.attribute_tokens(model, composites.attnlrp())
