@@ -45,15 +45,32 @@ def scaled_dot_product_attention(
         groups = query.size(-3) // key.size(-3)
         key = key.repeat_interleave(groups, dim=-3)
         value = value.repeat_interleave(groups, dim=-3)
+    # a query that may attend to nothing (a padding token's row) gets zeros, as torch's own attention gives it: a
+    # softmax over -inf alone would be NaN, and NaN times the zero weight of a padded key would reach every query.
+    # Decided from the masks (constants, no scores read): such rows are unmasked, and their outputs set to zero
+    causal = torch.ones(length, source, dtype=torch.bool, device=query.device).tril() if is_causal else None
+    empty = _empty_rows(causal, attn_mask)
     scores = torch.matmul(query, key.transpose(-2, -1)) * scale
-    if is_causal:
-        causal = torch.ones(length, source, dtype=torch.bool, device=query.device).tril()
-        scores = scores.masked_fill(~causal, float("-inf"))
+    if causal is not None:
+        scores = scores.masked_fill(~causal if empty is None else ~causal & ~empty, float("-inf"))
+    if attn_mask is not None and empty is not None:
+        attn_mask = attn_mask | empty if attn_mask.dtype == torch.bool else attn_mask.masked_fill(empty, 0.0)
     scores = _mask_scores(scores, attn_mask)
     weights = torch.softmax(scores, dim=-1)
     if dropout_p > 0.0:
         weights = F.dropout(weights, dropout_p)
-    return torch.matmul(weights, value)
+    output = torch.matmul(weights, value)
+    return output if empty is None else output.masked_fill(empty, 0.0)
+
+
+def _empty_rows(causal: Tensor | None, attn_mask: Tensor | None) -> Tensor | None:
+    """Where a query may attend to no key (``(..., L, 1)``), from the causal and the given mask; ``None`` without
+    masks."""
+    allowed = causal
+    if attn_mask is not None:
+        given = attn_mask if attn_mask.dtype == torch.bool else attn_mask != float("-inf")
+        allowed = given if allowed is None else allowed & given
+    return None if allowed is None else ~allowed.any(-1, keepdim=True)
 
 
 def multi_head_attention_forward(

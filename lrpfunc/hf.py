@@ -25,7 +25,7 @@ from .canonizers import Canonizer
 
 Tensor = torch.Tensor
 
-__all__ = ["TokenAttribution", "attribute_tokens", "FromEmbeddings"]
+__all__ = ["TokenAttribution", "GenerationAttribution", "attribute_tokens", "attribute_generation", "FromEmbeddings"]
 
 
 @dataclass(frozen=True)
@@ -40,9 +40,10 @@ class TokenAttribution:
         positions: ``(K, B, L)`` or ``(B, L)``: the relevance taken by learned position embeddings at each position;
             ``None`` for a model without them (rotary positions) or when not asked for.
         logits: The model's logits, ``(B, L, V)`` for a language model, ``(B, C)`` for a classifier.
-        target: ``(K, B)`` or ``(B,)``: the target logits; each attribution starts from its logit's value (the LRP
-            convention), so ``tokens`` sums to about ``target`` where the rules conserve (a negative logit flips the
-            sign of every relevance: positive relevance always means "towards this logit's value").
+        target: ``(K, B)`` or ``(B,)``: the target logits (minus the contrast's logits where a contrast was given);
+            each attribution starts from its logit's value (:func:`lrpfunc.from_logit`'s convention), so ``tokens``
+            sums to about ``target`` where the rules conserve (a negative logit flips the sign of every relevance:
+            positive relevance always means "towards this logit's value").
     """
 
     tokens: Tensor
@@ -124,8 +125,10 @@ def attribute_tokens(
         or ``(K, B)`` for ``K`` targets at once, computed from one forward pass (``vmap`` over the seeds); give
         ``target`` or ``targets``, not both. ``position``: for a language model, the position whose next-token
         logits are explained, an int or a ``(K,)`` tensor (one per target: every generated position at once).
-        ``params``: the model's parameters by name (default: its own, detached), so that the result is
-        differentiable w.r.t. them like any attribution.
+        ``contrast``: token (or class) ids of the same forms as the targets: each attribution explains the difference
+        of the target's logit and the contrast's (contrastive explanations). ``chunk_size``: with several targets, how
+        many are propagated at once (as for ``torch.func.vmap``; bounds memory). ``params``: the model's parameters by
+        name (default: its own, detached), so that the result is differentiable w.r.t. them like any attribution.
 
     Example:
         >>> explain = attribute_tokens(model, lrpfunc.composites.attnlrp())
@@ -148,6 +151,8 @@ def attribute_tokens(
         targets: Tensor | None = None,
         position: int | Tensor = -1,
         attention_mask: Tensor | None = None,
+        contrast: int | Tensor | None = None,
+        chunk_size: int | None = None,
         params: Mapping[str, Tensor] | None = None,
     ) -> TokenAttribution:
         if not isinstance(input_ids, Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point():
@@ -164,27 +169,30 @@ def attribute_tokens(
         with torch.no_grad():
             logits = evaluate(wrapper, wrapped, x)
         several = targets is not None or (isinstance(position, Tensor) and position.ndim == 1)
-        seeds = _seeds(logits, targets if several else target, position, several)
+        seeds = _seeds(logits, targets if several else target, position, several, contrast)
         use_params = bool(position_names)
 
         def attribute_rows(rows: slice) -> tuple[Tensor, Tensor, Tensor]:
             part = tuple(t[rows] for t in x)
 
             def one(seed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                def by_value(output: Tensor) -> Tensor:  # the logits' values at the seed (from_logit's convention)
+                    return seed * output
+
                 if use_params:
-                    output, relevance, by_param = with_params(wrapped, part, seed)
+                    output, relevance, by_param = with_params(wrapped, part, by_value)
                 else:
-                    output, relevance = plain(wrapped, part, seed)
+                    output, relevance = plain(wrapped, part, by_value)
                     by_param = {}
-                value = (output * seed).flatten(1).sum(1)  # the target logit of each sequence
-                embedded = relevance[0] * value.reshape(-1, 1, 1)  # start from the logit's value: relevance is linear
+                value = (output * seed).flatten(1).sum(1)  # the target logit (minus the contrast's) of each sequence
+                embedded = relevance[0]
                 taken = torch.zeros(embedded.shape[:-1], dtype=embedded.dtype, device=embedded.device)
                 for name in position_names:
                     if name in by_param:
-                        taken = taken + by_param[name].sum(-1) * value.reshape(-1, 1)
+                        taken = taken + by_param[name].sum(-1)
                 return embedded, taken, value
 
-            return torch.func.vmap(one)(seeds[:, rows]) if several else one(seeds[0, rows])
+            return torch.func.vmap(one, chunk_size=chunk_size)(seeds[:, rows]) if several else one(seeds[0, rows])
 
         batch = input_ids.shape[0]
         if use_params and batch > 1:
@@ -205,31 +213,42 @@ def attribute_tokens(
     return explain
 
 
-def _seeds(logits: Tensor, target: int | Tensor | None, position: int | Tensor, several: bool) -> Tensor:
+def _chosen(label: str, ids: int | Tensor, batch: int, several: bool, device: torch.device) -> Tensor:
+    """Target (or contrast) ids as ``(K, B)``: an int or ``(B,)`` for one, ``(K,)`` or ``(K, B)`` for several."""
+    chosen = torch.as_tensor(ids, device=device)
+    if several:
+        chosen = chosen[:, None].expand(-1, batch) if chosen.ndim == 1 else chosen
+    else:
+        chosen = chosen.expand(batch)[None] if chosen.ndim == 0 else chosen[None]
+    if chosen.ndim != 2 or chosen.shape[1] != batch:
+        expected = "(K,) or (K, B)" if several else "an int or (B,)"
+        raise ValueError(
+            f"attribute_tokens: {label} must be {expected} with B = {batch}, got shape {tuple(torch.as_tensor(ids).shape)}"
+        )
+    return chosen
+
+
+def _seeds(
+    logits: Tensor,
+    target: int | Tensor | None,
+    position: int | Tensor,
+    several: bool,
+    contrast: int | Tensor | None = None,
+) -> Tensor:
     """One-hot seeds ``(K, *logits.shape)``: ``K = 1`` for one target (``None``: the argmax; an int; a ``(B,)`` tensor),
-    else one per row of ``target`` (``(K,)`` for every sequence alike, or ``(K, B)``) or per entry of ``position``."""
+    else one per row of ``target`` (``(K,)`` for every sequence alike, or ``(K, B)``) or per entry of ``position``;
+    minus the one-hot of ``contrast`` (ids of the same forms) where given: the logit difference."""
     batch = logits.shape[0]
     language = logits.ndim == 3
     positions = torch.as_tensor(position, device=logits.device).reshape(-1)
     if not language and (isinstance(position, Tensor) or position != -1):
         raise ValueError("attribute_tokens: position is for language models (logits (B, L, V)); this model gives (B, C)")
-    count = positions.numel() if target is None else None
     if target is None:
         # the argmax at each position, as tensors (no position read into Python: the function traces)
         chosen = logits[:, positions].argmax(-1).T if language else logits.argmax(-1)[None]
     else:
-        chosen = torch.as_tensor(target, device=logits.device)
-        expected = "(K,) or (K, B)" if several else "an int or (B,)"
-        if several:
-            chosen = chosen[:, None].expand(-1, batch) if chosen.ndim == 1 else chosen
-        else:
-            chosen = chosen.expand(batch)[None] if chosen.ndim == 0 else chosen[None]
-        if chosen.ndim != 2 or chosen.shape[1] != batch:
-            raise ValueError(
-                f"attribute_tokens: target{'s' if several else ''} must be {expected} with B = {batch}, got shape "
-                f"{tuple(torch.as_tensor(target).shape)}"
-            )
-        count = chosen.shape[0]
+        chosen = _chosen("targets" if several else "target", target, batch, several, logits.device)
+    count = chosen.shape[0]
     if language and positions.numel() not in (1, count):
         raise ValueError(f"attribute_tokens: position must be an int or one per target ({count}), got {positions.numel()}")
     positions = positions.expand(count) if positions.numel() == 1 else positions
@@ -237,5 +256,141 @@ def _seeds(logits: Tensor, target: int | Tensor | None, position: int | Tensor, 
     # one index_put with index tensors (a 0-d tensor index would be read into Python)
     ks = torch.arange(count, device=logits.device)[:, None].expand(count, batch)
     rows = torch.arange(batch, device=logits.device)[None].expand(count, batch)
-    index = (ks, rows, positions[:, None].expand(count, batch), chosen) if language else (ks, rows, chosen)
-    return seeds.index_put(index, torch.ones((), dtype=logits.dtype, device=logits.device))
+    at = (ks, rows, positions[:, None].expand(count, batch)) if language else (ks, rows)
+    seeds = seeds.index_put((*at, chosen), torch.ones((), dtype=logits.dtype, device=logits.device))
+    if contrast is not None:
+        other = _chosen("contrast", contrast, batch, several, logits.device)
+        if other.shape[0] != count:
+            raise ValueError(f"attribute_tokens: contrast must give one id per target ({count}), got {other.shape[0]}")
+        minus = torch.full((), -1.0, dtype=logits.dtype, device=logits.device)
+        seeds = seeds.index_put((*at, other.expand(count, batch)), minus, accumulate=True)
+    return seeds
+
+
+@dataclass(frozen=True)
+class GenerationAttribution:
+    """Every generated token of a greedy generation, attributed to the tokens before it.
+
+    Shapes: ``B`` prompts of ``L`` tokens, ``N`` generated tokens.
+
+    Attributes:
+        sequences: ``(B, L + N)``: the prompts and the generated tokens.
+        relevance: ``(B, N, L + N)``: row ``n`` is the relevance of each token for generated token ``n`` (at position
+            ``L + n``, predicted from position ``L + n - 1``); zero from position ``L + n`` on.
+        positions: ``(B, N, L + N)``: the relevance taken by learned position embeddings, ``None`` without them.
+        target: ``(B, N)``: the logit each row starts from (minus the contrast's logit where one was given).
+        prompt_length: ``L``.
+    """
+
+    sequences: Tensor
+    relevance: Tensor
+    positions: Tensor | None
+    target: Tensor
+    prompt_length: int
+
+
+def attribute_generation(
+    model: nn.Module,
+    composite: Composite | None = None,
+    canonizers: Sequence[Canonizer] | Canonizer = (),
+    *,
+    positions: bool = True,
+) -> Callable[..., GenerationAttribution]:
+    """Generate greedily and attribute every generated token to the prompt and the tokens generated before it.
+
+    Definition:
+        The model generates ``N`` tokens greedily (the argmax at each step; the ids ``model.generate(do_sample=False)``
+        gives when no end-of-sequence token stops it). One forward pass over the ``L + N`` tokens then gives every
+        row at once: row ``n`` is :func:`attribute_tokens`'s attribution of the logit of generated token ``n`` at
+        position ``L + n - 1`` (``vmap`` over the ``N`` seeds), starting from its value.
+
+    Args:
+        model: A HuggingFace causal language model, as for :func:`attribute_tokens`.
+        composite: The rules, e.g. :func:`lrpfunc.composites.attnlrp`; ``None`` for the plain gradient.
+        canonizers: Canonizers, as for :func:`lrpfunc.attribute`.
+        positions: Report the relevance of learned position embeddings, as for :func:`attribute_tokens`.
+
+    Returns:
+        ``explain(input_ids, max_new_tokens, *, attention_mask=None, contrast=None, chunk_size=None, params=None) ->
+        GenerationAttribution``. ``contrast``: ``(B, N)`` token ids: row ``n`` explains the logit of generated token
+        ``n`` minus that of ``contrast[:, n]`` at the same position. ``chunk_size``: how many rows are propagated at
+        once (bounds memory, as for ``torch.func.vmap``).
+
+    Example:
+        >>> explain = lrpfunc.hf.attribute_generation(model, lrpfunc.composites.attnlrp())
+        >>> result = explain(tokenizer("The capital of France is", return_tensors="pt").input_ids, 8)
+        >>> result.relevance[0, 0]      # each token's relevance for the first generated token
+    """
+    _check_model(model)
+    tokens = attribute_tokens(model, composite, canonizers, positions=positions)
+    uses_cache = "use_cache" in inspect.signature(model.forward).parameters
+
+    def explain(
+        input_ids: Tensor,
+        max_new_tokens: int,
+        *,
+        attention_mask: Tensor | None = None,
+        contrast: Tensor | None = None,
+        chunk_size: int | None = None,
+        params: Mapping[str, Tensor] | None = None,
+    ) -> GenerationAttribution:
+        if not isinstance(input_ids, Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point():
+            got = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
+            raise ValueError(f"attribute_generation: input_ids must be an integer tensor (B, L), got {got}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"attribute_generation: max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        batch, length = input_ids.shape
+        if contrast is not None and (not isinstance(contrast, Tensor) or contrast.shape != (batch, max_new_tokens)):
+            got = tuple(contrast.shape) if isinstance(contrast, Tensor) else type(contrast).__name__
+            raise ValueError(f"attribute_generation: contrast must be token ids ({batch}, {max_new_tokens}), got {got}")
+        given = None if params is None else {name: value.detach() for name, value in params.items()}
+        sequences, mask = _greedy(model, given, input_ids, attention_mask, max_new_tokens, uses_cache)
+        rows = torch.arange(max_new_tokens, device=input_ids.device)
+        result = tokens(
+            sequences,
+            targets=sequences[:, length:].T,
+            position=length - 1 + rows,
+            attention_mask=mask,
+            contrast=None if contrast is None else contrast.T,
+            chunk_size=chunk_size,
+            params=params,
+        )
+        # row n explains token L + n from the tokens before it: what lies at L + n and after is zero by causality,
+        # and set to exactly zero here
+        before = torch.arange(length + max_new_tokens, device=input_ids.device)[None] < (length + rows)[:, None]
+        relevance = result.tokens.transpose(0, 1) * before
+        taken = None if result.positions is None else result.positions.transpose(0, 1) * before
+        return GenerationAttribution(
+            sequences=sequences,
+            relevance=relevance,
+            positions=taken,
+            target=result.target.T,
+            prompt_length=length,
+        )
+
+    return explain
+
+
+def _greedy(
+    model: nn.Module,
+    params: Mapping[str, Tensor] | None,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    count: int,
+    uses_cache: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """``count`` tokens appended greedily by the model with ``params`` (default: its own), one forward pass over the
+    whole sequence per token, and the attention mask extended over them."""
+    sequences, mask = input_ids, attention_mask
+    extra: dict[str, Any] = {"use_cache": False} if uses_cache else {}
+    info = ModelInfo(model) if params is not None else None
+    with torch.no_grad():
+        for _ in range(count):
+            kwargs = {"input_ids": sequences, "attention_mask": mask, **extra}
+            output = model(**kwargs) if params is None else evaluate(model, params, kwargs, info)
+            logits = output.logits
+            sequences = torch.cat([sequences, logits[:, -1].argmax(-1, keepdim=True)], 1)
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return sequences, mask
+
