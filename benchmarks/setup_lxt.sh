@@ -37,8 +37,9 @@ $PIP install -c "$constraints" transformers==4.52.4
 # 3. LXT and Zennit without their dependencies, then what they import besides torch/torchvision.
 $PIP install --no-deps lxt==2.1 zennit==0.5.1
 $PIP install -c "$constraints" tabulate Pillow
-# 4. What the scripts and lrpfunc (imported from the checkout) use.
-$PIP install -c "$constraints" optree psutil numpy
+# 4. What the scripts and lrpfunc (imported from the checkout) use, and what runs the migration guides'
+#    comparisons (tests/test_docs.py).
+$PIP install -c "$constraints" optree psutil numpy pytest hypothesis
 
 "$VENV/bin/python" - <<'PY'
 import torch

@@ -27,8 +27,8 @@ $PIP install --no-deps zennit==0.5.1
 $PIP install -c "$constraints" click numpy Pillow
 # 3. Captum with its dependencies (matplotlib, numpy, packaging, tqdm), torch held at the pinned version.
 $PIP install -c "$constraints" captum==0.9.0
-# 4. What the benchmark and lrpfunc use.
-$PIP install -c "$constraints" optree psutil
+# 4. What the benchmark and lrpfunc use, and what runs the migration guides' comparisons (tests/test_docs.py).
+$PIP install -c "$constraints" optree psutil pytest hypothesis
 
 "$VENV/bin/python" - <<'PY'
 import torch

@@ -20,12 +20,12 @@ def from_logit(target: int | Tensor, *, value: bool = True) -> Callable[[Tensor]
         or ``onehot(target)`` (``value=False``). The relevance that reaches the input sums to the seed's sum where the
         rules conserve (:func:`lrpfunc.conservation` measures it), so:
 
-        - ``value=True`` (the default, LXT's convention and :func:`lrpfunc.hf.attribute_tokens`'): the relevance sums
-          to the target logit, and positive relevance means "towards this logit's value"; a negative logit flips every
-          sign. The seed is a differentiable function of the output, so derivatives of the relevance w.r.t. ``x`` or
-          the parameters include the logit's own.
-        - ``value=False`` (Zennit's and Captum's ``target=``): the relevance sums to 1 per sample; positive means
-          "towards a larger logit".
+        - ``value=True`` (the default; LXT's convention, Captum's ``LRP(model).attribute(x, target=...)`` and
+          :func:`lrpfunc.hf.attribute_tokens`'): the relevance sums to the target logit, and positive relevance means
+          "towards this logit's value"; a negative logit flips every sign. The seed is a differentiable function of
+          the output, so derivatives of the relevance w.r.t. ``x`` or the parameters include the logit's own.
+        - ``value=False`` (Zennit's ``grad_output``, and ``target=`` of Captum's gradient methods such as
+          ``IntegratedGradients``): the relevance sums to 1 per sample; positive means "towards a larger logit".
 
         Relevance is linear in ``grad_output``, so the two differ by the factor ``y[target]`` per sample.
 
