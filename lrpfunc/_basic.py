@@ -171,8 +171,8 @@ class BasicRule:
     #: zero (see :meth:`_zero_terms`); the built-in sign-splitting rules (z+, alpha-beta, gamma) do.
     zero_terms: bool = field(default=False, compare=False)
     #: ``"pullback"`` when the rule is ``R_in = x * J^T (R / z)`` with the call's true Jacobian ``J`` and no
-    #: stabilizer, ``"modified"`` when ``J`` has the statistics held: it can then propagate gradients instead of relevance
-    #: (:meth:`modified_gradient`); set by :func:`lrpfunc.rules.epsilon`, :func:`~lrpfunc.rules.norm` and
+    #: stabilizer, ``"modified"`` when ``J`` has the statistics held: it can then propagate gradients instead of
+    #: relevance (:meth:`modified_gradient`); set by :func:`lrpfunc.rules.epsilon`, :func:`~lrpfunc.rules.norm` and
     #: :func:`~lrpfunc.rules.normalization` with a zero stabilizer and no zeroed parameters.
     gradient_form: str | None = field(default=None, compare=False)
 

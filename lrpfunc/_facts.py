@@ -42,7 +42,8 @@ _ALWAYS = _functions(
     "relu relu_ relu6 sigmoid sigmoid_ softmax _softmax exp exp_ abs abs_ square softplus hardsigmoid norm vector_norm"
 ) | {Tensor.__abs__}
 
-#: Operations that take a lower bound: non-negative when the bound is a number >= 0 (``clamp(min=0)``, ``hardtanh(0, 6)``).
+#: Operations that take a lower bound: non-negative when the bound is a number >= 0 (``clamp(min=0)``,
+#: ``hardtanh(0, 6)``).
 _LOWER_BOUND: dict[Any, tuple[int, str]] = {}
 for _function in _functions("clamp clamp_ clip clip_ clamp_min clamp_min_"):
     _LOWER_BOUND[_function] = (1, "min")

@@ -288,9 +288,9 @@ def stale_message(op: str, where: str) -> str:
 
 def stale_view_message(op: str, where: str) -> str:
     return (
-        f"attribute: the in-place operation {op} in '{where}' wrote into an activation with a view taken before it that "
-        f"is read afterwards (in eager torch the view sees the write); lrpfunc records values, not memory, so take the "
-        f"view after the write or write out of place"
+        f"attribute: the in-place operation {op} in '{where}' wrote into an activation with a view taken before it "
+        f"that is read afterwards (in eager torch the view sees the write); lrpfunc records values, not memory, so "
+        f"take the view after the write or write out of place"
     )
 
 

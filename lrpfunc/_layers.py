@@ -216,8 +216,17 @@ def _entry(where: str, what: str, value: Any, public: str, position: int) -> Ten
             raise ValueError(f"{where}: {what}[{public!r}] has {len(value)} entries, too few for the module's outputs")
         value = value[position]
     if not isinstance(value, Tensor):
-        raise TypeError(f"{where}: {what}[{public!r}] must be a tensor (or a tuple of them), got {type(value).__name__}")
+        raise TypeError(
+            f"{where}: {what}[{public!r}] must be a tensor (or a tuple of them), got {type(value).__name__}"
+        )
     return value
+
+
+def _names_layer(key: object, known: set[str]) -> bool:
+    """Whether ``key`` is the name of a layer in ``known`` or of one of its calls (``"name[index]"``)."""
+    if not isinstance(key, str):
+        return False
+    return key in known or ((match := _CALL.match(key)) is not None and match["name"] in known)
 
 
 def _layer_seeds(grad_output: Any, names: Any) -> Mapping[str, Any] | None:
@@ -226,7 +235,7 @@ def _layer_seeds(grad_output: Any, names: Any) -> Mapping[str, Any] | None:
         return None
     known = set(names)
     keys = list(grad_output)
-    hits = [k for k in keys if isinstance(k, str) and (k in known or (_CALL.match(k) and _CALL.match(k)["name"] in known))]
+    hits = [k for k in keys if _names_layer(k, known)]
     if not hits:
         return None
     return grad_output

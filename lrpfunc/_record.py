@@ -96,7 +96,8 @@ class Node:
 
     def replay(self, env: Mapping[int, Tensor], recorded: Mapping[int, Tensor]) -> Any:
         leaves = [
-            (env[leaf.vid] if leaf.vid in env else recorded[leaf.vid]) if type(leaf) is Ref else leaf for leaf in self.leaves
+            (env[leaf.vid] if leaf.vid in env else recorded[leaf.vid]) if type(leaf) is Ref else leaf
+            for leaf in self.leaves
         ]
         args, kwargs = unflatten_call(self.spec, leaves)
         return self.fn(*args, **kwargs)
@@ -131,8 +132,8 @@ class RuledCall:
     """
 
     __slots__ = (
-        "site", "rule", "traits", "needs_pullback", "module", "inputs", "lifted", "index_of", "outputs", "nodes", "param_vids", "params",
-        "forward", "input_sources", "op_class", "pullbacks", "merged_from", "transposed",
+        "site", "rule", "traits", "needs_pullback", "module", "inputs", "lifted", "index_of", "outputs", "nodes",
+        "param_vids", "params", "forward", "input_sources", "op_class", "pullbacks", "merged_from", "transposed",
         "channel_scale", "closed_pullback",
     )
 

@@ -212,7 +212,9 @@ def sweep(
     wants_params = param_relevance is not None
     forms = gradient_form
     if forms and (wants_params or recorder is not None):
-        raise ValueError("sweep: parameter relevance and a recorder need every rule in relevance form (gradient_form=False)")
+        raise ValueError(
+            "sweep: parameter relevance and a recorder need every rule in relevance form (gradient_form=False)"
+        )
 
     per_op = tape.per_op
     plan = liveness(trace, [vid for vid, _ in seeds])
@@ -487,9 +489,11 @@ def make_call(trace: Trace, step: RuledCall, wants_param_relevance: bool) -> Cal
 def _forward_of(trace: Trace, step: RuledCall) -> Callable[..., tuple[Tensor, ...]]:
     if step.forward is not None:
         return step.forward
-    nodes, inputs, outputs, param_vids, low = step.nodes, tuple(step.inputs), tuple(step.outputs), step.param_vids, trace.low
+    nodes, inputs, outputs = step.nodes, tuple(step.inputs), tuple(step.outputs)
+    param_vids, low = step.param_vids, trace.low
 
-    def forward(values: tuple[Tensor, ...], params: Mapping[str, Tensor], hold_statistics: bool = False) -> tuple[Tensor, ...]:
+    def forward(values: tuple[Tensor, ...], params: Mapping[str, Tensor],
+                hold_statistics: bool = False) -> tuple[Tensor, ...]:
         env: dict[int, Tensor] = dict(zip(inputs, values))
         for local, value in params.items():
             vid = param_vids.get(local)
@@ -522,7 +526,10 @@ def _replay_holding_statistics(nodes: Sequence[Node], env: dict[int, Tensor], lo
     for node in nodes:
         held = _normalization.HELD.get(node.func) if node.op_class is _ops.Normalization else None
         if held is not None:
-            leaves = [(env[leaf.vid] if leaf.vid in env else low[leaf.vid]) if type(leaf) is Ref else leaf for leaf in node.leaves]
+            leaves = [
+                (env[leaf.vid] if leaf.vid in env else low[leaf.vid]) if type(leaf) is Ref else leaf
+                for leaf in node.leaves
+            ]
             args, kwargs = unflatten_call(node.spec, leaves)
             recorded = low[node.inputs[0]]
             node.bind(held(recorded, *args, **kwargs), env)
@@ -545,8 +552,8 @@ def _pullback_of(trace: Trace, step: RuledCall) -> Callable[[tuple[Tensor, ...]]
 
     def unavailable(grad_outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         raise RuleError(
-            f"rule {rule_name(step.rule)} on {step.site.describe()} called call.pullback, but says needs_pullback=False, "
-            f"so the call ran without its true pullback; set needs_pullback = True on the rule"
+            f"rule {rule_name(step.rule)} on {step.site.describe()} called call.pullback, but says "
+            f"needs_pullback=False, so the call ran without its true pullback; set needs_pullback = True on the rule"
         )
 
     if not step.needs_pullback:

@@ -347,7 +347,8 @@ def mixed(composites: Sequence[Composite]) -> Mixed:
     return Mixed(composites)
 
 
-def layer_map_base(stabilizer: StabilizerLike = 1e-6, *, zero_params: ZeroParams = None) -> list[tuple[tuple[Matcher, ...], Rule]]:
+def layer_map_base(stabilizer: StabilizerLike = 1e-6, *,
+                   zero_params: ZeroParams = None) -> list[tuple[tuple[Matcher, ...], Rule]]:
     """The entries every LRP composite shares.
 
     Zennit's ``layer_map_base`` (activation modules pass, sums and average pools norm, BatchNorm pass when not
@@ -564,7 +565,9 @@ def epsilon_gamma_box(
 @_labelled
 def guided_backprop(*, layer_map: Entries | None = None) -> Composite:
     """Guided Backpropagation on every ReLU, module or function (Zennit's ``GuidedBackprop``)."""
-    return LayerMap(_entries("guided_backprop", list(layer_map or [])) + ((_types.ReLU, _rules.relu_guided_backprop()),))
+    return LayerMap(
+        _entries("guided_backprop", list(layer_map or [])) + ((_types.ReLU, _rules.relu_guided_backprop()),)
+    )
 
 
 @_labelled
@@ -577,7 +580,9 @@ def deconvnet(*, layer_map: Entries | None = None) -> Composite:
 def beta_smooth(beta_smooth: float = 10.0, *, layer_map: Entries | None = None) -> Composite:
     """ReLU gradients replaced by softplus(beta_smooth) gradients, for ReLU modules and functions (Zennit's
     ``BetaSmooth``)."""
-    return LayerMap(_entries("beta_smooth", list(layer_map or [])) + ((_types.ReLU, _rules.relu_beta_smooth(beta_smooth)),))
+    return LayerMap(
+        _entries("beta_smooth", list(layer_map or [])) + ((_types.ReLU, _rules.relu_beta_smooth(beta_smooth)),)
+    )
 
 
 @_labelled

@@ -75,13 +75,16 @@ def _position_modules(model: nn.Module) -> list[str]:
     return [
         name
         for name, module in model.named_modules()
-        if isinstance(module, nn.Embedding) and ("position" in name.rsplit(".", 1)[-1] or name.rsplit(".", 1)[-1] == "wpe")
+        if isinstance(module, nn.Embedding)
+        and ("position" in name.rsplit(".", 1)[-1] or name.rsplit(".", 1)[-1] == "wpe")
     ]
 
 
 def _check_model(model: Any) -> nn.Embedding:
     if not isinstance(model, nn.Module):
-        raise TypeError(f"attribute_tokens: model must be a torch.nn.Module (a HuggingFace model), got {type(model).__name__}")
+        raise TypeError(
+            f"attribute_tokens: model must be a torch.nn.Module (a HuggingFace model), got {type(model).__name__}"
+        )
     get = getattr(model, "get_input_embeddings", None)
     embedding = get() if callable(get) else None
     if not isinstance(embedding, nn.Module):
@@ -200,7 +203,9 @@ def _seeds(logits: Tensor, target: int | Tensor | None, position: int | Tensor, 
     language = logits.ndim == 3
     positions = torch.as_tensor(position, device=logits.device).reshape(-1)
     if not language and (isinstance(position, Tensor) or position != -1):
-        raise ValueError("attribute_tokens: position is for language models (logits (B, L, V)); this model gives (B, C)")
+        raise ValueError(
+            "attribute_tokens: position is for language models (logits (B, L, V)); this model gives (B, C)"
+        )
     count = positions.numel() if target is None else None
     if target is None:
         # the argmax at each position, as tensors (no position read into Python: the function traces)
@@ -219,7 +224,9 @@ def _seeds(logits: Tensor, target: int | Tensor | None, position: int | Tensor, 
             )
         count = chosen.shape[0]
     if language and positions.numel() not in (1, count):
-        raise ValueError(f"attribute_tokens: position must be an int or one per target ({count}), got {positions.numel()}")
+        raise ValueError(
+            f"attribute_tokens: position must be an int or one per target ({count}), got {positions.numel()}"
+        )
     positions = positions.expand(count) if positions.numel() == 1 else positions
     seeds = torch.zeros((count, *logits.shape), dtype=logits.dtype, device=logits.device)
     # one index_put with index tensors (a 0-d tensor index would be read into Python)

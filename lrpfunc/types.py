@@ -84,7 +84,8 @@ def duck(
             return False
         return where is None or bool(where(module))
 
-    return DuckType(name, (), {"accepts": staticmethod(accepts), "__doc__": f"Duck type {name}: {class_name or ''} {list(has)}"})
+    doc = f"Duck type {name}: {class_name or ''} {list(has)}"
+    return DuckType(name, (), {"accepts": staticmethod(accepts), "__doc__": doc})
 
 
 class Sum:
