@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol, Union, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
@@ -13,8 +13,8 @@ __all__ = ["CallSite", "Composite", "RuleTable", "Matcher", "Entries", "resolver
 #: What a composite entry matches: a module class (or a duck type from :mod:`lrpfunc.types`), an operation class
 #: (:mod:`lrpfunc.ops`), a label class a canonizer attaches (:class:`lrpfunc.types.Sum`), or a torch function
 #: (``torch.add``, ``torch.Tensor.add``, ``torch.nn.functional.relu``).
-Matcher = Union[type, Callable[..., Any]]
-Entries = Sequence[tuple[Union[Matcher, Sequence[Matcher]], Any]]
+Matcher = type | Callable[..., Any]
+Entries = Sequence[tuple[Matcher | Sequence[Matcher], Any]]
 
 
 class CallSite(NamedTuple):

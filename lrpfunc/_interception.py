@@ -9,7 +9,7 @@ import inspect
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.utils.checkpoint as _checkpoint
@@ -106,7 +106,7 @@ def _inline_checkpoint_apply(cls: type, function: Callable[..., Any], preserve_r
 class FunctionApply:
     """``cls.apply`` of a :class:`torch.autograd.Function` subclass as one recorded operation."""
 
-    _cache: dict[type, FunctionApply] = {}
+    _cache: ClassVar[dict[type, FunctionApply]] = {}
 
     def __init__(self, cls: type) -> None:
         self.cls = cls

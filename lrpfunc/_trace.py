@@ -891,7 +891,7 @@ class Tracer(TorchFunctionMode):
         # an operation without a rule: on the tape
         if self.per_op:
             result, pullback = self._run_vjp(fn, leaves, spec, act)
-            refs, outputs = self._register_outputs(result, activation=True)
+            _, outputs = self._register_outputs(result, activation=True)
             for vid in outputs:
                 self.cut.add(vid)
             if outputs:

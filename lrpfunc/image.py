@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,7 @@ def _anchors(source: str) -> tuple[list[int], list[_RGB]]:
     return [index for index, _ in anchors], [rgb for _, rgb in anchors]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _palette(name: str, level: float) -> torch.Tensor:
     """Zennit's ``ColorMap.palette(level)`` of a built-in colour map as a (256, 3) uint8 tensor."""
     indices, colors = _anchors(_SOURCES[name])
