@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Collection, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +85,8 @@ def nonnegative(
     if bound is not None:
         args, kwargs = unflatten_call(spec, leaves)
         value = args[bound[0]] if len(args) > bound[0] else kwargs.get(bound[1])
-        return isinstance(value, numbers.Real) and not isinstance(value, bool) and value >= 0
+        # cast: the stubs of numbers.Real do not compare it with an int
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and cast(float, value) >= 0
     if op_class is None or not issubclass(op_class, _PRESERVING) or func in _FILLING:
         return False
     floats = [p for p, t in enumerate(leaves) if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex())]

@@ -28,7 +28,7 @@ METADATA: frozenset[Any] = frozenset(
         Tensor.ndim.__get__,  # type: ignore[attr-defined]
         Tensor.numel,
         Tensor.dtype.__get__,  # type: ignore[attr-defined]
-        Tensor.device.__get__,  # type: ignore[attr-defined]
+        Tensor.device.__get__,
         Tensor.is_floating_point,
         Tensor.is_complex,
         Tensor.requires_grad.__get__,  # type: ignore[attr-defined]
@@ -194,7 +194,9 @@ _functional_embedding_bag.__name__ = "embedding_bag"
 _aten_embedding_bag.__name__ = "embedding_bag"
 
 
-_EMBEDDING_BAGS = {F.embedding_bag: _functional_embedding_bag, torch.embedding_bag: _aten_embedding_bag}
+_EMBEDDING_BAGS: dict[Any, Callable[..., Any]] = {
+    F.embedding_bag: _functional_embedding_bag, torch.embedding_bag: _aten_embedding_bag
+}
 
 
 class Substitution(TorchFunctionMode):

@@ -166,7 +166,11 @@ def attribute_layers(
                 )
             return arriving * mask
 
-        more = [leaf for leaf in optree.tree_leaves((masks, seeds), none_is_leaf=True) if isinstance(leaf, Tensor)]
+        leaves: list[Any] = optree.tree_leaves(
+            (masks, seeds),  # type: ignore[arg-type]  # optree's PyTree is a class to a type checker
+            none_is_leaf=True,
+        )
+        more = [leaf for leaf in leaves if isinstance(leaf, Tensor)]
         output, relevance = _run(
             setup,
             params,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 
@@ -37,7 +37,7 @@ __all__ = ["Rule", "sweep", "Observer", "rule_name", "liveness", "Liveness"]
 class Observer(Protocol):
     """Sees (and may replace) the relevance arriving at an observed module's outputs."""
 
-    def __call__(self, name: str, position: int, relevance: Tensor) -> Tensor: ...
+    def __call__(self, name: str, position: int, relevance: Tensor, /) -> Tensor: ...
 
 
 def rule_name(rule: Any) -> str:
@@ -149,13 +149,13 @@ def liveness(trace: Trace, seeds: Sequence[int]) -> Liveness:
     for vid in list(tensors.keys() | low.keys()):
         if vid in keep:
             continue
-        index = first_reader.get(vid)
+        reader = first_reader.get(vid)
         if not per_op and vid in piece_of:
-            if index is not None or vid in seeded:
+            if reader is not None or vid in seeded:
                 piece_values.setdefault(trace.find(piece_of[vid]), []).append(vid)
                 continue
-        elif index is not None:
-            expire.setdefault(index, []).append(vid)
+        elif reader is not None:
+            expire.setdefault(reader, []).append(vid)
             continue
         elif vid in seeded:
             continue
@@ -369,9 +369,9 @@ def sweep(
             complete(vid)
             root = trace.find(piece_of[vid])
             for store, target in ((cot, pending), (gcot, gpending)):
-                value = store.pop(vid, None)
-                if value is not None:
-                    _accumulate(target.setdefault(root, {}), vid, value)
+                waiting = store.pop(vid, None)
+                if waiting is not None:
+                    _accumulate(target.setdefault(root, {}), vid, waiting)
         elif type(step) is Observation:
             for position, (vid, push) in enumerate(zip(step.vids, step.push)):
                 complete(vid)
@@ -582,13 +582,14 @@ def _pullback_of(trace: Trace, step: RuledCall) -> Callable[[tuple[Tensor, ...]]
             return tuple(cot[vid] if vid in cot else torch.zeros_like(low[vid]) for vid in inputs)
 
         return pullback
-    tensors, lifted = trace.tensors, step.lifted
+    # a call that is not quiet has every input lifted to a leaf of the shared tape
+    tensors, lifted = trace.tensors, cast("list[Tensor]", step.lifted)
 
-    def pullback(grad_outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    def tape_pullback(grad_outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         grads = tape.pullback([tensors[vid] for vid in outputs], list(lifted), list(grad_outputs))
         return tuple(torch.zeros_like(low[vid]) if grad is None else grad for vid, grad in zip(inputs, grads))
 
-    return pullback
+    return tape_pullback
 
 
 def _transpose_of(trace: Trace, step: RuledCall) -> Callable[[Tensor, Mapping[str, Tensor]], Tensor]:
@@ -653,7 +654,8 @@ def _apply_rule(
     result = rule(call, grad_outputs)
     params: Mapping[str, Tensor] = {}
     if isinstance(result, Propagated):
-        result, params = result.inputs, result.params
+        params = result.params
+        result = result.inputs
     elif isinstance(result, Tensor):
         result = (result,)
     result = _checked(rule, call, tuple(result), "relevance")

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import optree
 import torch
@@ -525,7 +525,7 @@ class Tracer(TorchFunctionMode):
     def _passed_through(self, ruled: RuledCall, vid: int) -> Tensor:
         index = self.input_index(ruled, vid, per_position=False)
         if not ruled.quiet and not self.per_op:
-            inside = ruled.lifted[index]
+            inside = cast(Tensor, ruled.lifted[index])  # lifted: the call is not quiet, on the shared tape
         else:
             inside = self.lower(vid)
         alias = inside.view_as(inside)
@@ -826,8 +826,8 @@ class Tracer(TorchFunctionMode):
             vid = vids[position]
             if vid in owner_of and vid not in self.cut:
                 if vid in merged:
-                    raise Retry("merge", merged[vid])  # type: ignore[index]
-                call = owner_of[vid]  # type: ignore[index]
+                    raise Retry("merge", merged[vid])
+                call = owner_of[vid]
                 raise NotImplementedError(
                     f"attribute: a value computed inside {call.site.describe()} (which has the rule {call.rule!r}) is "
                     f"read outside that call by {op_name(func)} in "
@@ -902,7 +902,7 @@ class Tracer(TorchFunctionMode):
             for position in act:
                 vid = vids[position]
                 if vid in self.pending_cut:
-                    self.lift_cut(vid)  # type: ignore[arg-type]
+                    self.lift_cut(vid)
                 # a cut lifted now or for an earlier operand of this operation (``cat([h, h.tanh_()])`` reads the
                 # in-place result twice): its leaf
                 leaf_vid = self.leaf_of.get(vid)  # type: ignore[arg-type]

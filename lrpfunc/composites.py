@@ -14,7 +14,7 @@ import inspect
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -320,7 +320,9 @@ def name_map(entries: Sequence[tuple[str | Sequence[str], Rule]]) -> NameMap:
     call (the whole module keeps its true gradient), e.g. ``mixed([name_map([("classifier", None)]), epsilon_plus()])``.
     """
     checked = []
-    for names, rule in _entries("name_map", entries):  # type: ignore[arg-type]
+    # names are checked and flattened like matchers
+    named = cast("tuple[tuple[tuple[str, ...], Rule], ...]", _entries("name_map", entries))  # type: ignore[arg-type]
+    for names, rule in named:
         flat = tuple(n for group in names for n in ((group,) if isinstance(group, str) else group))
         checked.append((flat, rule))
     return NameMap(tuple(checked))

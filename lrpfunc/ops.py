@@ -469,7 +469,7 @@ def _register_builtins() -> None:
     for func in _all(movement) + [Tensor.__setitem__]:
         register(func, DataMovement)
     for getter in (Tensor.T, Tensor.mT, Tensor.H, Tensor.mH, Tensor.real, Tensor.imag):
-        register(getter.__get__, DataMovement)
+        register(getter.__get__, DataMovement)  # type: ignore[attr-defined]  # torch's stubs type these as tensors
     register(F.scaled_dot_product_attention, Attention)
     register(F.multi_head_attention_forward, Attention)
 
