@@ -80,7 +80,7 @@ def _position_modules(model: nn.Module) -> list[str]:
     ]
 
 
-def _check_model(model: Any) -> nn.Embedding:
+def _check_model(model: Any) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(
             f"attribute_tokens: model must be a torch.nn.Module (a HuggingFace model), got {type(model).__name__}"
@@ -156,8 +156,10 @@ def attribute_tokens(
             raise ValueError(f"attribute_tokens: input_ids must be an integer tensor (B, L), got {got}")
         if target is not None and targets is not None:
             raise ValueError("attribute_tokens: give target (one attribution) or targets (several), not both")
-        given = dict(model.named_parameters()) if params is None else dict(params)
-        local = {"weight": given[embedding_weight]} if embedding_weight in given else {}
+        given: dict[str, Tensor] = dict(model.named_parameters()) if params is None else dict(params)
+        local = (
+            {"weight": given[embedding_weight]} if embedding_weight is not None and embedding_weight in given else {}
+        )
         embeds = evaluate(embedding, local, input_ids, embedding_info)
         wrapped = {f"model.{name}": value for name, value in given.items()}
         x = (embeds,) if attention_mask is None else (embeds, attention_mask)
@@ -206,8 +208,8 @@ def _seeds(logits: Tensor, target: int | Tensor | None, position: int | Tensor, 
         raise ValueError(
             "attribute_tokens: position is for language models (logits (B, L, V)); this model gives (B, C)"
         )
-    count = positions.numel() if target is None else None
     if target is None:
+        count = positions.numel()
         # the argmax at each position, as tensors (no position read into Python: the function traces)
         chosen = logits[:, positions].argmax(-1).T if language else logits.argmax(-1)[None]
     else:
