@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import optree
 import torch
@@ -180,12 +180,13 @@ def run_trace(
                 output = call_model(setup.model, optree.tree_unflatten(spec, inputs), setup.info)
             trace = tracer.finish(input_ids, output)
         except Retry as retry:
+            # a merge and a transpose name their module's key (only "forms" has none)
             if retry.kind == "merge":
-                skip = skip | {retry.key}
+                skip = skip | {cast("tuple[int, int]", retry.key)}
             elif retry.kind == "forms":
                 transparent = False
             else:
-                skip_transpose = skip_transpose | {retry.key}
+                skip_transpose = skip_transpose | {cast("tuple[int, int]", retry.key)}
             continue
         finally:
             tape.end()
@@ -246,7 +247,9 @@ def _plain(setup: Setup, params: Mapping[str, Tensor], x: Any, grad_output: Any,
 
     primals = [leaves[index] for index in floats]
     if primals:
-        differentiable, pullback, others = torch.func.vjp(forward, *primals, has_aux=True)
+        differentiable, pullback, others = torch.func.vjp(  # type: ignore[misc]  # annotated without has_aux too
+            forward, *primals, has_aux=True
+        )
     else:
         differentiable, others = forward()
         pullback = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -171,8 +171,8 @@ class BasicRule:
     #: zero (see :meth:`_zero_terms`); the built-in sign-splitting rules (z+, alpha-beta, gamma) do.
     zero_terms: bool = field(default=False, compare=False)
     #: ``"pullback"`` when the rule is ``R_in = x * J^T (R / z)`` with the call's true Jacobian ``J`` and no
-    #: stabilizer, ``"modified"`` when ``J`` has the statistics held: it can then propagate gradients instead of relevance
-    #: (:meth:`modified_gradient`); set by :func:`lrpfunc.rules.epsilon`, :func:`~lrpfunc.rules.norm` and
+    #: stabilizer, ``"modified"`` when ``J`` has the statistics held: it can then propagate gradients instead of
+    #: relevance (:meth:`modified_gradient`); set by :func:`lrpfunc.rules.epsilon`, :func:`~lrpfunc.rules.norm` and
     #: :func:`~lrpfunc.rules.normalization` with a zero stabilizer and no zeroed parameters.
     gradient_form: str | None = field(default=None, compare=False)
 
@@ -228,7 +228,7 @@ class BasicRule:
             if out_mod is identity:
                 y_k, pull = raw, pull_raw
             else:
-                y_k, pull_out = torch.func.vjp(out_mod, raw)
+                y_k, pull_out = torch.func.vjp(out_mod, raw)  # type: ignore[misc]  # annotated with and without has_aux
                 pull = _compose(pull_raw, pull_out)
             inputs.append(x_k)
             params.append(p_k)
@@ -248,8 +248,10 @@ class BasicRule:
             pull(gamma) if gamma is not None and pull is not _no_term else ((None,) * len(call.inputs), {})
             for pull, gamma in zip(pullbacks, gammas)
         ]
+        # a None gradient only for a term left out under zero_terms, whose reducer accepts it
         relevance = tuple(
-            self.reducer([x_k[i] for x_k in inputs], [g_k[0][i] for g_k in grads]) for i in range(len(call.inputs))
+            self.reducer([x_k[i] for x_k in inputs], cast("list[Tensor]", [g_k[0][i] for g_k in grads]))
+            for i in range(len(call.inputs))
         )
         param_relevance: dict[str, Tensor] = {}
         if with_params:
@@ -311,7 +313,7 @@ class BasicRule:
                     f"rule {self.name}: the gradient mapper returned {len(gammas)} tensors for 1 modified output of "
                     f"{call.describe()}"
                 )
-            (gammas,) = gammas
+            (gammas,) = cast("tuple[Tensor]", gammas)  # None only for terms left out, never the identity triple's
         gradients = call.pullback((gammas,))
         return Propagated(tuple(self.reducer((x,), (g,)) for x, g in zip(call.inputs, gradients)), {})
 
@@ -335,7 +337,9 @@ class BasicRule:
             return (x_k, p_k, *_with_param_pullback(
                 lambda xs, ps: call.forward(xs, ps, hold_statistics=hold), x_k, p_k
             ))
-        (raw,), pull_x = torch.func.vjp(lambda *xs: call.forward(xs, p_k, hold_statistics=hold), *x_k)
+        (raw,), pull_x = torch.func.vjp(  # type: ignore[misc]  # annotated with and without has_aux
+            lambda *xs: call.forward(xs, p_k, hold_statistics=hold), *x_k
+        )
         return x_k, p_k, raw, lambda g: (pull_x((g,)), {})
 
 
@@ -348,7 +352,9 @@ def _with_param_pullback(
     such as a step counter added to a layer's output, has no relevance)."""
     floats = {name: value for name, value in params.items() if value.is_floating_point() or value.is_complex()}
     others = {name: value for name, value in params.items() if name not in floats}
-    (raw,), pull = torch.func.vjp(lambda xs, ps: forward(xs, {**others, **ps}), inputs, floats)
+    (raw,), pull = torch.func.vjp(  # type: ignore[misc]  # annotated with and without has_aux
+        lambda xs, ps: forward(xs, {**others, **ps}), inputs, floats
+    )
     return raw, lambda g: pull((g,))
 
 
@@ -365,7 +371,7 @@ def basic(
     input_modifiers: Sequence[Callable[[Tensor], Tensor]] | None = None,
     param_modifiers: Sequence[ParamMod | Callable[[Tensor, str], Tensor]] | None = None,
     output_modifiers: Sequence[Callable[[Tensor], Tensor]] | None = None,
-    gradient_mapper: Callable[[Tensor, Sequence[Tensor]], Sequence[Tensor] | Tensor] | None = None,
+    gradient_mapper: Callable[[Tensor, Sequence[Tensor]], Sequence[Tensor | None] | Tensor] | None = None,
     reducer: Callable[[Sequence[Tensor], Sequence[Tensor]], Tensor] | None = None,
     name: str = "basic",
     hold_statistics: bool = False,

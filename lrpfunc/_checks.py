@@ -111,7 +111,8 @@ def check_params(where: str, info: ModelInfo, model: torch.nn.Module, params: An
         if not isinstance(value, Tensor):
             raise TypeError(f"{where}: params[{name!r}] must be a tensor, got {type(value).__name__}")
         own = info.by_name[name]
-        if value.shape != own.shape and not isinstance(own, torch.nn.parameter.UninitializedTensorMixin):
+        lazy = torch.nn.parameter.UninitializedTensorMixin  # type: ignore[attr-defined]  # not in torch's stubs
+        if value.shape != own.shape and not isinstance(own, lazy):
             module, _, _ = name.rpartition(".")
             owner = type(model.get_submodule(module)).__name__ if module else type(model).__name__
             raise ValueError(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol, Union, runtime_checkable
+from typing import Any, NamedTuple, Protocol, cast, runtime_checkable
 
 import torch
 
@@ -13,8 +13,8 @@ __all__ = ["CallSite", "Composite", "RuleTable", "Matcher", "Entries", "resolver
 #: What a composite entry matches: a module class (or a duck type from :mod:`lrpfunc.types`), an operation class
 #: (:mod:`lrpfunc.ops`), a label class a canonizer attaches (:class:`lrpfunc.types.Sum`), or a torch function
 #: (``torch.add``, ``torch.Tensor.add``, ``torch.nn.functional.relu``).
-Matcher = Union[type, Callable[..., Any]]
-Entries = Sequence[tuple[Union[Matcher, Sequence[Matcher]], Any]]
+Matcher = type | Callable[..., Any]
+Entries = Sequence[tuple[Matcher | Sequence[Matcher], Any]]
 
 
 class CallSite(NamedTuple):
@@ -33,7 +33,7 @@ class CallSite(NamedTuple):
     """
 
     kind: str
-    index: int
+    index: int  # type: ignore[assignment]  # the field shadows tuple.index on purpose
     name: str
     module: torch.nn.Module | None
     func: Callable[..., Any] | None
@@ -46,7 +46,7 @@ class CallSite(NamedTuple):
         """Whether this site is an instance of (or is labelled as, or is of the operation class of, or calls) any
         of ``matchers``."""
         if not isinstance(matchers, (tuple, list)):
-            matchers = (matchers,)
+            matchers = (cast(Matcher, matchers),)  # not a tuple or list: one matcher
         for matcher in matchers:
             if isinstance(matcher, type):
                 if self.module is not None and isinstance(self.module, matcher):
@@ -113,7 +113,7 @@ class RuleTable:
     rows: tuple[tuple[CallSite, Any], ...]
     covered: tuple[str | None, ...] = ()
 
-    def __iter__(self) -> Iterator[tuple[CallSite, Any]]:  # type: ignore[override]
+    def __iter__(self) -> Iterator[tuple[CallSite, Any]]:
         return iter(self.rows)
 
     def __len__(self) -> int:

@@ -115,7 +115,8 @@ def conservation(
         setup.warn(params, [], AutogradTape())  # the training mode only: a report's tape is never the user's choice
         rows: list[tuple[int, SiteRelevance]] = []
 
-        def record(site: CallSite | None, rule: Any, grads_in: Sequence[Tensor | None], grads_out: Sequence[Tensor | None]) -> None:
+        def record(site: CallSite | None, rule: Any, grads_in: Sequence[Tensor | None],
+                   grads_out: Sequence[Tensor | None]) -> None:
             if site is None:
                 return
             total_in = sum(float(g.sum()) for g in grads_in if g is not None)
@@ -128,7 +129,9 @@ def conservation(
             grad_leaves = check_grad_output(where, trace.output, grad_output)
             cotangents = sweep(trace, _seeds(trace, grad_leaves), recorder=record)
         leaves = optree.tree_leaves(x, none_is_leaf=True)
-        total_out = sum(float(cotangents[vid].sum()) for vid in trace.input_ids if vid is not None and vid in cotangents)
+        total_out = sum(
+            float(cotangents[vid].sum()) for vid in trace.input_ids if vid is not None and vid in cotangents
+        )
         total_in = sum(float(g.sum()) for g in grad_leaves)
         del leaves
         return ConservationReport(tuple(row for _, row in sorted(rows, key=lambda item: item[0])), total_in, total_out)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Collection, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,8 @@ _ALWAYS = _functions(
     "relu relu_ relu6 sigmoid sigmoid_ softmax _softmax exp exp_ abs abs_ square softplus hardsigmoid norm vector_norm"
 ) | {Tensor.__abs__}
 
-#: Operations that take a lower bound: non-negative when the bound is a number >= 0 (``clamp(min=0)``, ``hardtanh(0, 6)``).
+#: Operations that take a lower bound: non-negative when the bound is a number >= 0 (``clamp(min=0)``,
+#: ``hardtanh(0, 6)``).
 _LOWER_BOUND: dict[Any, tuple[int, str]] = {}
 for _function in _functions("clamp clamp_ clip clip_ clamp_min clamp_min_"):
     _LOWER_BOUND[_function] = (1, "min")
@@ -84,7 +85,8 @@ def nonnegative(
     if bound is not None:
         args, kwargs = unflatten_call(spec, leaves)
         value = args[bound[0]] if len(args) > bound[0] else kwargs.get(bound[1])
-        return isinstance(value, numbers.Real) and not isinstance(value, bool) and value >= 0
+        # cast: the stubs of numbers.Real do not compare it with an int
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and cast(float, value) >= 0
     if op_class is None or not issubclass(op_class, _PRESERVING) or func in _FILLING:
         return False
     floats = [p for p, t in enumerate(leaves) if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex())]

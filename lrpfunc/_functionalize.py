@@ -28,7 +28,7 @@ METADATA: frozenset[Any] = frozenset(
         Tensor.ndim.__get__,  # type: ignore[attr-defined]
         Tensor.numel,
         Tensor.dtype.__get__,  # type: ignore[attr-defined]
-        Tensor.device.__get__,  # type: ignore[attr-defined]
+        Tensor.device.__get__,
         Tensor.is_floating_point,
         Tensor.is_complex,
         Tensor.requires_grad.__get__,  # type: ignore[attr-defined]
@@ -194,7 +194,9 @@ _functional_embedding_bag.__name__ = "embedding_bag"
 _aten_embedding_bag.__name__ = "embedding_bag"
 
 
-_EMBEDDING_BAGS = {F.embedding_bag: _functional_embedding_bag, torch.embedding_bag: _aten_embedding_bag}
+_EMBEDDING_BAGS: dict[Any, Callable[..., Any]] = {
+    F.embedding_bag: _functional_embedding_bag, torch.embedding_bag: _aten_embedding_bag
+}
 
 
 class Substitution(TorchFunctionMode):
@@ -288,9 +290,9 @@ def stale_message(op: str, where: str) -> str:
 
 def stale_view_message(op: str, where: str) -> str:
     return (
-        f"attribute: the in-place operation {op} in '{where}' wrote into an activation with a view taken before it that "
-        f"is read afterwards (in eager torch the view sees the write); lrpfunc records values, not memory, so take the "
-        f"view after the write or write out of place"
+        f"attribute: the in-place operation {op} in '{where}' wrote into an activation with a view taken before it "
+        f"that is read afterwards (in eager torch the view sees the write); lrpfunc records values, not memory, so "
+        f"take the view after the write or write out of place"
     )
 
 

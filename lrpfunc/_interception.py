@@ -9,7 +9,7 @@ import inspect
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.utils.checkpoint as _checkpoint
@@ -106,7 +106,7 @@ def _inline_checkpoint_apply(cls: type, function: Callable[..., Any], preserve_r
 class FunctionApply:
     """``cls.apply`` of a :class:`torch.autograd.Function` subclass as one recorded operation."""
 
-    _cache: dict[type, FunctionApply] = {}
+    _cache: ClassVar[dict[type, FunctionApply]] = {}
 
     def __init__(self, cls: type) -> None:
         self.cls = cls
@@ -140,12 +140,16 @@ def _traced_apply(cls: type, *args: Any, **kwargs: Any) -> Any:
 def _patches() -> Iterator[None]:
     """Install the module-call and Function.apply patches while at least one trace runs."""
     global _patch_users
+    # torch 2.13 declares Function.apply a classmethod, 2.14 an untyped attribute: the ignores of its assignments
+    # hold for both (unused-ignore)
     with _patch_lock:
         if _patch_users == 0:
             torch.nn.Module.__call__ = _traced_module_call  # type: ignore[method-assign]
-            torch.autograd.Function.apply = classmethod(_traced_apply)  # type: ignore[method-assign,assignment]
+            torch.autograd.Function.apply = classmethod(_traced_apply)  # type: ignore[method-assign,assignment,unused-ignore]
             setattr(_checkpoint, _CHECKPOINT_GENERATOR_NAME, _inline_checkpoint)
-            _checkpoint.CheckpointFunction.apply = classmethod(_inline_checkpoint_apply)  # type: ignore[method-assign,assignment]
+            _checkpoint.CheckpointFunction.apply = classmethod(  # type: ignore[method-assign,assignment,unused-ignore]
+                _inline_checkpoint_apply
+            )
         _patch_users += 1
     try:
         yield
@@ -155,14 +159,14 @@ def _patches() -> Iterator[None]:
             if _patch_users == 0:
                 torch.nn.Module.__call__ = MODULE_CALL  # type: ignore[method-assign]
                 if _APPLY_OWNED:
-                    torch.autograd.Function.apply = _APPLY_DESCRIPTOR  # type: ignore[method-assign]
+                    torch.autograd.Function.apply = _APPLY_DESCRIPTOR  # type: ignore[method-assign,unused-ignore]
                 else:
                     del torch.autograd.Function.apply
                 setattr(_checkpoint, _CHECKPOINT_GENERATOR_NAME, _CHECKPOINT_GENERATOR)
                 if _CHECKPOINT_APPLY is None:
                     del _checkpoint.CheckpointFunction.apply
                 else:
-                    _checkpoint.CheckpointFunction.apply = _CHECKPOINT_APPLY  # type: ignore[method-assign]
+                    _checkpoint.CheckpointFunction.apply = _CHECKPOINT_APPLY  # type: ignore[method-assign,unused-ignore]
 
 
 def run_operation(fn: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any], stack: Sequence[str]) -> Any:

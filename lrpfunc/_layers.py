@@ -167,7 +167,11 @@ def attribute_layers(
                 )
             return arriving * mask
 
-        more = [leaf for leaf in optree.tree_leaves((masks, seeds), none_is_leaf=True) if isinstance(leaf, Tensor)]
+        leaves: list[Any] = optree.tree_leaves(
+            (masks, seeds),  # type: ignore[arg-type]  # optree's PyTree is a class to a type checker
+            none_is_leaf=True,
+        )
+        more = [leaf for leaf in leaves if isinstance(leaf, Tensor)]
         output, relevance = _run(
             setup,
             params,
@@ -217,8 +221,17 @@ def _entry(where: str, what: str, value: Any, public: str, position: int) -> Ten
             raise ValueError(f"{where}: {what}[{public!r}] has {len(value)} entries, too few for the module's outputs")
         value = value[position]
     if not isinstance(value, Tensor):
-        raise TypeError(f"{where}: {what}[{public!r}] must be a tensor (or a tuple of them), got {type(value).__name__}")
+        raise TypeError(
+            f"{where}: {what}[{public!r}] must be a tensor (or a tuple of them), got {type(value).__name__}"
+        )
     return value
+
+
+def _names_layer(key: object, known: set[str]) -> bool:
+    """Whether ``key`` is the name of a layer in ``known`` or of one of its calls (``"name[index]"``)."""
+    if not isinstance(key, str):
+        return False
+    return key in known or ((match := _CALL.match(key)) is not None and match["name"] in known)
 
 
 def _layer_seeds(grad_output: Any, names: Any) -> Mapping[str, Any] | None:
@@ -227,7 +240,7 @@ def _layer_seeds(grad_output: Any, names: Any) -> Mapping[str, Any] | None:
         return None
     known = set(names)
     keys = list(grad_output)
-    hits = [k for k in keys if isinstance(k, str) and (k in known or (_CALL.match(k) and _CALL.match(k)["name"] in known))]
+    hits = [k for k in keys if _names_layer(k, known)]
     if not hits:
         return None
     return grad_output

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import optree
 import torch
@@ -46,10 +46,16 @@ def flatten_call(args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[list[A
     """Leaves of ``(args, kwargs)`` and a spec to rebuild them."""
     for value in args:
         if isinstance(value, _CONTAINERS):
-            return optree.tree_flatten((tuple(args), dict(kwargs)), none_is_leaf=True)
+            return optree.tree_flatten(
+                (tuple(args), dict(kwargs)),  # type: ignore[arg-type]  # optree's PyTree is a class to a type checker
+                none_is_leaf=True,
+            )
     for value in kwargs.values():
         if isinstance(value, _CONTAINERS):
-            return optree.tree_flatten((tuple(args), dict(kwargs)), none_is_leaf=True)
+            return optree.tree_flatten(
+                (tuple(args), dict(kwargs)),  # type: ignore[arg-type]  # optree's PyTree is a class to a type checker
+                none_is_leaf=True,
+            )
     return [*args, *kwargs.values()], FastSpec(len(args), tuple(kwargs))
 
 
@@ -58,7 +64,7 @@ def unflatten_call(spec: Any, leaves: Sequence[Any]) -> tuple[tuple[Any, ...], d
     if type(spec) is FastSpec:
         count = spec.count
         return tuple(leaves[:count]), dict(zip(spec.keys, leaves[count:]))
-    return optree.tree_unflatten(spec, list(leaves))
+    return cast("tuple[tuple[Any, ...], dict[str, Any]]", optree.tree_unflatten(spec, list(leaves)))
 
 
 class Ref:
@@ -96,7 +102,8 @@ class Node:
 
     def replay(self, env: Mapping[int, Tensor], recorded: Mapping[int, Tensor]) -> Any:
         leaves = [
-            (env[leaf.vid] if leaf.vid in env else recorded[leaf.vid]) if type(leaf) is Ref else leaf for leaf in self.leaves
+            (env[leaf.vid] if leaf.vid in env else recorded[leaf.vid]) if type(leaf) is Ref else leaf
+            for leaf in self.leaves
         ]
         args, kwargs = unflatten_call(self.spec, leaves)
         return self.fn(*args, **kwargs)
@@ -131,8 +138,8 @@ class RuledCall:
     """
 
     __slots__ = (
-        "site", "rule", "traits", "needs_pullback", "module", "inputs", "lifted", "index_of", "outputs", "nodes", "param_vids", "params",
-        "forward", "input_sources", "op_class", "pullbacks", "merged_from", "transposed",
+        "site", "rule", "traits", "needs_pullback", "module", "inputs", "lifted", "index_of", "outputs", "nodes",
+        "param_vids", "params", "forward", "input_sources", "op_class", "pullbacks", "merged_from", "transposed",
         "channel_scale", "closed_pullback",
     )
 
@@ -221,7 +228,7 @@ class Retry(Exception):
     ``"forms"`` (a piece of the tape mixes transparent calls with operations that need relevance).
     """
 
-    def __init__(self, kind: str, key: tuple[int, int]) -> None:
+    def __init__(self, kind: str, key: tuple[int, int] | None) -> None:
         super().__init__("retry")
         self.kind = kind
         self.key = key

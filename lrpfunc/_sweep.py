@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 
@@ -37,7 +37,7 @@ __all__ = ["Rule", "sweep", "Observer", "rule_name", "liveness", "Liveness"]
 class Observer(Protocol):
     """Sees (and may replace) the relevance arriving at an observed module's outputs."""
 
-    def __call__(self, name: str, position: int, relevance: Tensor) -> Tensor: ...
+    def __call__(self, name: str, position: int, relevance: Tensor, /) -> Tensor: ...
 
 
 def rule_name(rule: Any) -> str:
@@ -149,13 +149,13 @@ def liveness(trace: Trace, seeds: Sequence[int]) -> Liveness:
     for vid in list(tensors.keys() | low.keys()):
         if vid in keep:
             continue
-        index = first_reader.get(vid)
+        reader = first_reader.get(vid)
         if not per_op and vid in piece_of:
-            if index is not None or vid in seeded:
+            if reader is not None or vid in seeded:
                 piece_values.setdefault(trace.find(piece_of[vid]), []).append(vid)
                 continue
-        elif index is not None:
-            expire.setdefault(index, []).append(vid)
+        elif reader is not None:
+            expire.setdefault(reader, []).append(vid)
             continue
         elif vid in seeded:
             continue
@@ -212,7 +212,9 @@ def sweep(
     wants_params = param_relevance is not None
     forms = gradient_form
     if forms and (wants_params or recorder is not None):
-        raise ValueError("sweep: parameter relevance and a recorder need every rule in relevance form (gradient_form=False)")
+        raise ValueError(
+            "sweep: parameter relevance and a recorder need every rule in relevance form (gradient_form=False)"
+        )
 
     per_op = tape.per_op
     plan = liveness(trace, [vid for vid, _ in seeds])
@@ -367,9 +369,9 @@ def sweep(
             complete(vid)
             root = trace.find(piece_of[vid])
             for store, target in ((cot, pending), (gcot, gpending)):
-                value = store.pop(vid, None)
-                if value is not None:
-                    _accumulate(target.setdefault(root, {}), vid, value)
+                waiting = store.pop(vid, None)
+                if waiting is not None:
+                    _accumulate(target.setdefault(root, {}), vid, waiting)
         elif type(step) is Observation:
             for position, (vid, push) in enumerate(zip(step.vids, step.push)):
                 complete(vid)
@@ -487,9 +489,11 @@ def make_call(trace: Trace, step: RuledCall, wants_param_relevance: bool) -> Cal
 def _forward_of(trace: Trace, step: RuledCall) -> Callable[..., tuple[Tensor, ...]]:
     if step.forward is not None:
         return step.forward
-    nodes, inputs, outputs, param_vids, low = step.nodes, tuple(step.inputs), tuple(step.outputs), step.param_vids, trace.low
+    nodes, inputs, outputs = step.nodes, tuple(step.inputs), tuple(step.outputs)
+    param_vids, low = step.param_vids, trace.low
 
-    def forward(values: tuple[Tensor, ...], params: Mapping[str, Tensor], hold_statistics: bool = False) -> tuple[Tensor, ...]:
+    def forward(values: tuple[Tensor, ...], params: Mapping[str, Tensor],
+                hold_statistics: bool = False) -> tuple[Tensor, ...]:
         env: dict[int, Tensor] = dict(zip(inputs, values))
         for local, value in params.items():
             vid = param_vids.get(local)
@@ -522,7 +526,10 @@ def _replay_holding_statistics(nodes: Sequence[Node], env: dict[int, Tensor], lo
     for node in nodes:
         held = _normalization.HELD.get(node.func) if node.op_class is _ops.Normalization else None
         if held is not None:
-            leaves = [(env[leaf.vid] if leaf.vid in env else low[leaf.vid]) if type(leaf) is Ref else leaf for leaf in node.leaves]
+            leaves = [
+                (env[leaf.vid] if leaf.vid in env else low[leaf.vid]) if type(leaf) is Ref else leaf
+                for leaf in node.leaves
+            ]
             args, kwargs = unflatten_call(node.spec, leaves)
             recorded = low[node.inputs[0]]
             node.bind(held(recorded, *args, **kwargs), env)
@@ -545,8 +552,8 @@ def _pullback_of(trace: Trace, step: RuledCall) -> Callable[[tuple[Tensor, ...]]
 
     def unavailable(grad_outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         raise RuleError(
-            f"rule {rule_name(step.rule)} on {step.site.describe()} called call.pullback, but says needs_pullback=False, "
-            f"so the call ran without its true pullback; set needs_pullback = True on the rule"
+            f"rule {rule_name(step.rule)} on {step.site.describe()} called call.pullback, but says "
+            f"needs_pullback=False, so the call ran without its true pullback; set needs_pullback = True on the rule"
         )
 
     if not step.needs_pullback:
@@ -575,13 +582,14 @@ def _pullback_of(trace: Trace, step: RuledCall) -> Callable[[tuple[Tensor, ...]]
             return tuple(cot[vid] if vid in cot else torch.zeros_like(low[vid]) for vid in inputs)
 
         return pullback
-    tensors, lifted = trace.tensors, step.lifted
+    # a call that is not quiet has every input lifted to a leaf of the shared tape
+    tensors, lifted = trace.tensors, cast("list[Tensor]", step.lifted)
 
-    def pullback(grad_outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    def tape_pullback(grad_outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         grads = tape.pullback([tensors[vid] for vid in outputs], list(lifted), list(grad_outputs))
         return tuple(torch.zeros_like(low[vid]) if grad is None else grad for vid, grad in zip(inputs, grads))
 
-    return pullback
+    return tape_pullback
 
 
 def _transpose_of(trace: Trace, step: RuledCall) -> Callable[[Tensor, Mapping[str, Tensor]], Tensor]:
@@ -646,7 +654,8 @@ def _apply_rule(
     result = rule(call, grad_outputs)
     params: Mapping[str, Tensor] = {}
     if isinstance(result, Propagated):
-        result, params = result.inputs, result.params
+        params = result.params
+        result = result.inputs
     elif isinstance(result, Tensor):
         result = (result,)
     result = _checked(rule, call, tuple(result), "relevance")

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import optree
 import torch
@@ -113,8 +113,8 @@ class Tracer(TorchFunctionMode):
         self.skip_merge = skip_merge
         self.skip_transpose = skip_transpose
         self.record_sites = record_sites
-        # a rule whose gradient form is the call's own pullback leaves the call on the tape (see _sweep): ``transparent``
-        # allows it; inside such a module call everything is on the tape as well
+        # a rule whose gradient form is the call's own pullback leaves the call on the tape (see _sweep):
+        # ``transparent`` allows it; inside such a module call everything is on the tape as well
         self.transparent = transparent
         self.transparent_depth = 0
         self.info = info
@@ -353,7 +353,8 @@ class Tracer(TorchFunctionMode):
         if call is not None or self.covered or self.transparent_depth:
             if self.record_sites:
                 site = CallSite("module", module_index, name, module, None, None, index, self.next_order(), None)
-                by = call.site.name if call is not None else ("a merged BatchNorm" if self.covered else "a call in gradient form")
+                by = (call.site.name if call is not None
+                      else ("a merged BatchNorm" if self.covered else "a call in gradient form"))
                 self.note_covered(site, by)
             self.stack.append(name)
             try:
@@ -524,7 +525,7 @@ class Tracer(TorchFunctionMode):
     def _passed_through(self, ruled: RuledCall, vid: int) -> Tensor:
         index = self.input_index(ruled, vid, per_position=False)
         if not ruled.quiet and not self.per_op:
-            inside = ruled.lifted[index]
+            inside = cast(Tensor, ruled.lifted[index])  # lifted: the call is not quiet, on the shared tape
         else:
             inside = self.lower(vid)
         alias = inside.view_as(inside)
@@ -746,8 +747,8 @@ class Tracer(TorchFunctionMode):
         args, kwargs = unflatten_call(spec, leaves)
         return _ops.class_of(target, args, kwargs, self.is_activation)
 
-    def inside_call(self, call: RuledCall, func: Callable[..., Any], fn: Callable[..., Any], leaves: list[Any], spec: Any,
-                    act: list[int], vids: list[int | None]) -> Any:
+    def inside_call(self, call: RuledCall, func: Callable[..., Any], fn: Callable[..., Any], leaves: list[Any],
+                    spec: Any, act: list[int], vids: list[int | None]) -> Any:
         """An operation inside a ruled call: the activations it reads from outside become the call's inputs."""
         op_class = self.class_of(func, fn, leaves, spec)
         op_index = self.op_index
@@ -755,8 +756,8 @@ class Tracer(TorchFunctionMode):
         if self.record_sites:
             owner = self.stack[-1] if self.stack else ""
             name = op_name(func)
-            site = CallSite("op", op_index, f"{owner}/{name}" if owner else name, None, func, None, 0, self.next_order(),
-                            op_class)
+            site = CallSite("op", op_index, f"{owner}/{name}" if owner else name, None, func, None, 0,
+                            self.next_order(), op_class)
             self.note_covered(site, call.site.name)
         template = list(leaves)
         owner_of = self.owner
@@ -817,21 +818,22 @@ class Tracer(TorchFunctionMode):
             self.source[vid] = source
         return result
 
-    def outside_call(self, func: Callable[..., Any], fn: Callable[..., Any], leaves: list[Any], spec: Any, act: list[int],
-                     vids: list[int | None]) -> Any:
+    def outside_call(self, func: Callable[..., Any], fn: Callable[..., Any], leaves: list[Any], spec: Any,
+                     act: list[int], vids: list[int | None]) -> Any:
         """An operation on activations outside ruled calls: a call site of its own."""
         owner_of, merged = self.owner, self.merged_interior
         for position in act:
             vid = vids[position]
             if vid in owner_of and vid not in self.cut:
                 if vid in merged:
-                    raise Retry("merge", merged[vid])  # type: ignore[index]
-                call = owner_of[vid]  # type: ignore[index]
+                    raise Retry("merge", merged[vid])
+                call = owner_of[vid]
                 raise NotImplementedError(
-                    f"attribute: a value computed inside {call.site.describe()} (which has the rule {call.rule!r}) is read "
-                    f"outside that call by {op_name(func)} in '{self.stack[-1] if self.stack else 'the model'}', but is not "
-                    f"one of its outputs; a rule can only pass relevance to what the call returns. Give this call no rule "
-                    f"(or one on its submodules), or return the value from it."
+                    f"attribute: a value computed inside {call.site.describe()} (which has the rule {call.rule!r}) is "
+                    f"read outside that call by {op_name(func)} in "
+                    f"'{self.stack[-1] if self.stack else 'the model'}', but is not one of its outputs; a rule can "
+                    f"only pass relevance to what the call returns. Give this call no rule (or one on its "
+                    f"submodules), or return the value from it."
                 )
         op_class = None
         rule = None
@@ -846,8 +848,8 @@ class Tracer(TorchFunctionMode):
                 label = _types.Sum if _is_residual_sum(func, call_args, call_kwargs, act, leaves) else None
             owner = self.stack[-1] if self.stack else ""
             name = OP_NAMES.get(func) or op_name_of(func)
-            site = CallSite("op", op_index, f"{owner}/{name}" if owner else name, None, func, label, 0, self.next_order(),
-                            op_class)
+            site = CallSite("op", op_index, f"{owner}/{name}" if owner else name, None, func, label, 0,
+                            self.next_order(), op_class)
             if self.covered and not self.transparent_depth:
                 self.note_covered(site, "a merged BatchNorm")
             elif self.transparent_depth:
@@ -889,7 +891,7 @@ class Tracer(TorchFunctionMode):
         # an operation without a rule: on the tape
         if self.per_op:
             result, pullback = self._run_vjp(fn, leaves, spec, act)
-            refs, outputs = self._register_outputs(result, activation=True)
+            _, outputs = self._register_outputs(result, activation=True)
             for vid in outputs:
                 self.cut.add(vid)
             if outputs:
@@ -900,7 +902,7 @@ class Tracer(TorchFunctionMode):
             for position in act:
                 vid = vids[position]
                 if vid in self.pending_cut:
-                    self.lift_cut(vid)  # type: ignore[arg-type]
+                    self.lift_cut(vid)
                 # a cut lifted now or for an earlier operand of this operation (``cat([h, h.tanh_()])`` reads the
                 # in-place result twice): its leaf
                 leaf_vid = self.leaf_of.get(vid)  # type: ignore[arg-type]
@@ -961,7 +963,8 @@ class Tracer(TorchFunctionMode):
         if outputs and static_facts.nonnegative(func, op_class, leaves, spec, vids, self.nonnegative):
             self.nonnegative.update(outputs)
 
-    def _run_vjp(self, fn: Callable[..., Any], leaves: list[Any], spec: Any, act: list[int]) -> tuple[Any, Callable[..., Any]]:
+    def _run_vjp(self, fn: Callable[..., Any], leaves: list[Any], spec: Any,
+                 act: list[int]) -> tuple[Any, Callable[..., Any]]:
         """Run ``fn`` under :func:`torch.func.vjp` w.r.t. the activation leaves (the per-operation tape)."""
         shape: list[Any] = []
         stack = self.stack

@@ -112,7 +112,8 @@ def merged_layer(
     layer_nodes, layer_inputs = tuple(nodes), tuple(inputs)
     weight_vid, bias_vid = param_vids.get("weight"), param_vids.get("bias")
 
-    def forward(values: tuple[Tensor, ...], params: Mapping[str, Tensor], hold_statistics: bool = False) -> tuple[Tensor, ...]:
+    def forward(values: tuple[Tensor, ...], params: Mapping[str, Tensor],
+                hold_statistics: bool = False) -> tuple[Tensor, ...]:
         env: dict[int, Tensor] = dict(zip(layer_inputs, values))
         if weight_vid is not None:
             env[weight_vid] = params["weight"]

@@ -14,7 +14,7 @@ import inspect
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -320,7 +320,9 @@ def name_map(entries: Sequence[tuple[str | Sequence[str], Rule]]) -> NameMap:
     call (the whole module keeps its true gradient), e.g. ``mixed([name_map([("classifier", None)]), epsilon_plus()])``.
     """
     checked = []
-    for names, rule in _entries("name_map", entries):  # type: ignore[arg-type]
+    # names are checked and flattened like matchers
+    named = cast("tuple[tuple[tuple[str, ...], Rule], ...]", _entries("name_map", entries))  # type: ignore[arg-type]
+    for names, rule in named:
         flat = tuple(n for group in names for n in ((group,) if isinstance(group, str) else group))
         checked.append((flat, rule))
     return NameMap(tuple(checked))
@@ -347,7 +349,8 @@ def mixed(composites: Sequence[Composite]) -> Mixed:
     return Mixed(composites)
 
 
-def layer_map_base(stabilizer: StabilizerLike = 1e-6, *, zero_params: ZeroParams = None) -> list[tuple[tuple[Matcher, ...], Rule]]:
+def layer_map_base(stabilizer: StabilizerLike = 1e-6, *,
+                   zero_params: ZeroParams = None) -> list[tuple[tuple[Matcher, ...], Rule]]:
     """The entries every LRP composite shares.
 
     Zennit's ``layer_map_base`` (activation modules pass, sums and average pools norm, BatchNorm pass when not
@@ -564,7 +567,9 @@ def epsilon_gamma_box(
 @_labelled
 def guided_backprop(*, layer_map: Entries | None = None) -> Composite:
     """Guided Backpropagation on every ReLU, module or function (Zennit's ``GuidedBackprop``)."""
-    return LayerMap(_entries("guided_backprop", list(layer_map or [])) + ((_types.ReLU, _rules.relu_guided_backprop()),))
+    return LayerMap(
+        _entries("guided_backprop", list(layer_map or [])) + ((_types.ReLU, _rules.relu_guided_backprop()),)
+    )
 
 
 @_labelled
@@ -577,7 +582,9 @@ def deconvnet(*, layer_map: Entries | None = None) -> Composite:
 def beta_smooth(beta_smooth: float = 10.0, *, layer_map: Entries | None = None) -> Composite:
     """ReLU gradients replaced by softplus(beta_smooth) gradients, for ReLU modules and functions (Zennit's
     ``BetaSmooth``)."""
-    return LayerMap(_entries("beta_smooth", list(layer_map or [])) + ((_types.ReLU, _rules.relu_beta_smooth(beta_smooth)),))
+    return LayerMap(
+        _entries("beta_smooth", list(layer_map or [])) + ((_types.ReLU, _rules.relu_beta_smooth(beta_smooth)),)
+    )
 
 
 @_labelled

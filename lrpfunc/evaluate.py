@@ -65,7 +65,7 @@ FeatureDims = int | Sequence[int] | None
 Patch = int | tuple[int, ...] | None
 Order = Literal["most", "least"]
 _ScoreAt = Callable[[Tensor, Tensor], Tensor]  # (perturbed inputs, their sample indices) -> (B,) scores
-_ORDERS = ("most", "least")
+_ORDERS: tuple[Literal["most", "least"], ...] = ("most", "least")
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def _layout(where: str, shape: tuple[int, ...], feature_dims: FeatureDims, patch
     if feature_dims is None:
         dims = _default_feature_dims(ndim)
     else:
-        given = (feature_dims,) if isinstance(feature_dims, numbers.Integral) else feature_dims
+        given: Any = (feature_dims,) if isinstance(feature_dims, numbers.Integral) else feature_dims  # checked below
         try:
             raw = tuple(given)
         except TypeError:
@@ -415,7 +415,9 @@ def abpc(
         >>> abpc(lambda b: (b * w).sum(1), torch.ones(1, 4), w[None], steps=4)
         tensor([2.5000])
     """
-    options = dict(steps=steps, patch=patch, feature_dims=feature_dims, baseline=baseline, batch_size=batch_size)
+    options: dict[str, Any] = dict(
+        steps=steps, patch=patch, feature_dims=feature_dims, baseline=baseline, batch_size=batch_size
+    )
     least = perturbation_curve(score, x, relevance, order="least", **options)
     most = perturbation_curve(score, x, relevance, order="most", **options)
     return area_under_curve(least) - area_under_curve(most)
@@ -527,7 +529,9 @@ def evaluate_dataset(
         if not callable(fn):
             raise TypeError(f"{where}: {label} must be callable, got {type(fn).__name__}")
     steps, batch_size = _check_options(where, steps, batch_size)
-    options = dict(steps=steps, patch=patch, feature_dims=feature_dims, baseline=baseline, batch_size=batch_size)
+    options: dict[str, Any] = dict(
+        steps=steps, patch=patch, feature_dims=feature_dims, baseline=baseline, batch_size=batch_size
+    )
     curves: dict[str, list[Tensor]] = {order: [] for order in _ORDERS}
     samples_seen, abpc_sum = 0, 0.0
     bar = _progress_bar(data, progress)

@@ -76,13 +76,16 @@ def _position_modules(model: nn.Module) -> list[str]:
     return [
         name
         for name, module in model.named_modules()
-        if isinstance(module, nn.Embedding) and ("position" in name.rsplit(".", 1)[-1] or name.rsplit(".", 1)[-1] == "wpe")
+        if isinstance(module, nn.Embedding)
+        and ("position" in name.rsplit(".", 1)[-1] or name.rsplit(".", 1)[-1] == "wpe")
     ]
 
 
-def _check_model(model: Any) -> nn.Embedding:
+def _check_model(model: Any) -> nn.Module:
     if not isinstance(model, nn.Module):
-        raise TypeError(f"attribute_tokens: model must be a torch.nn.Module (a HuggingFace model), got {type(model).__name__}")
+        raise TypeError(
+            f"attribute_tokens: model must be a torch.nn.Module (a HuggingFace model), got {type(model).__name__}"
+        )
     get = getattr(model, "get_input_embeddings", None)
     embedding = get() if callable(get) else None
     if not isinstance(embedding, nn.Module):
@@ -161,8 +164,12 @@ def attribute_tokens(
         if target is not None and targets is not None:
             raise ValueError("attribute_tokens: give target (one attribution) or targets (several), not both")
         # the model's own parameters detached by default: a heatmap needs no tape for them (ParamsRequireGradWarning)
-        given = {name: p.detach() for name, p in model.named_parameters()} if params is None else dict(params)
-        local = {"weight": given[embedding_weight]} if embedding_weight in given else {}
+        given: dict[str, Tensor] = (
+            {name: p.detach() for name, p in model.named_parameters()} if params is None else dict(params)
+        )
+        local = (
+            {"weight": given[embedding_weight]} if embedding_weight is not None and embedding_weight in given else {}
+        )
         embeds = evaluate(embedding, local, input_ids, embedding_info)
         wrapped = {f"model.{name}": value for name, value in given.items()}
         x = (embeds,) if attention_mask is None else (embeds, attention_mask)
@@ -223,7 +230,8 @@ def _chosen(label: str, ids: int | Tensor, batch: int, several: bool, device: to
     if chosen.ndim != 2 or chosen.shape[1] != batch:
         expected = "(K,) or (K, B)" if several else "an int or (B,)"
         raise ValueError(
-            f"attribute_tokens: {label} must be {expected} with B = {batch}, got shape {tuple(torch.as_tensor(ids).shape)}"
+            f"attribute_tokens: {label} must be {expected} with B = {batch}, got shape "
+            f"{tuple(torch.as_tensor(ids).shape)}"
         )
     return chosen
 
@@ -242,7 +250,9 @@ def _seeds(
     language = logits.ndim == 3
     positions = torch.as_tensor(position, device=logits.device).reshape(-1)
     if not language and (isinstance(position, Tensor) or position != -1):
-        raise ValueError("attribute_tokens: position is for language models (logits (B, L, V)); this model gives (B, C)")
+        raise ValueError(
+            "attribute_tokens: position is for language models (logits (B, L, V)); this model gives (B, C)"
+        )
     if target is None:
         # the argmax at each position, as tensors (no position read into Python: the function traces)
         chosen = logits[:, positions].argmax(-1).T if language else logits.argmax(-1)[None]
@@ -250,7 +260,9 @@ def _seeds(
         chosen = _chosen("targets" if several else "target", target, batch, several, logits.device)
     count = chosen.shape[0]
     if language and positions.numel() not in (1, count):
-        raise ValueError(f"attribute_tokens: position must be an int or one per target ({count}), got {positions.numel()}")
+        raise ValueError(
+            f"attribute_tokens: position must be an int or one per target ({count}), got {positions.numel()}"
+        )
     positions = positions.expand(count) if positions.numel() == 1 else positions
     seeds = torch.zeros((count, *logits.shape), dtype=logits.dtype, device=logits.device)
     # one index_put with index tensors (a 0-d tensor index would be read into Python)

@@ -8,9 +8,9 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -43,11 +43,11 @@ def _anchors(source: str) -> tuple[list[int], list[_RGB]]:
     """Compile a colour-map source into ascending anchor indices (0 .. 256) and their colours."""
     nodes: list[tuple[int | None, _RGB]] = []
     for item in source.split(','):
-        index, _, color = (part.strip() for part in item.rpartition(':'))
-        color = ''.join(char * 2 for char in color) if len(color) == 3 else color
-        index = index * 2 if len(index) == 1 else index
-        rgb = (int(color[:2], 16), int(color[2:4], 16), int(color[4:], 16))
-        nodes.append((int(index, 16) if index else None, rgb))
+        key, _, code = (part.strip() for part in item.rpartition(':'))
+        code = ''.join(char * 2 for char in code) if len(code) == 3 else code
+        key = key * 2 if len(key) == 1 else key
+        rgb = (int(code[:2], 16), int(code[2:4], 16), int(code[4:], 16))
+        nodes.append((int(key, 16) if key else None, rgb))
 
     first_index, first_rgb = nodes[0]
     anchors = [(0, first_rgb)] + ([(first_index, first_rgb)] if first_index else [])
@@ -66,7 +66,7 @@ def _anchors(source: str) -> tuple[list[int], list[_RGB]]:
     return [index for index, _ in anchors], [rgb for _, rgb in anchors]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _palette(name: str, level: float) -> torch.Tensor:
     """Zennit's ``ColorMap.palette(level)`` of a built-in colour map as a (256, 3) uint8 tensor."""
     indices, colors = _anchors(_SOURCES[name])
@@ -282,8 +282,9 @@ def _text_size(text: str, font: Any) -> tuple[int, int]:
     """Width and height of ``text`` (lines split at newlines) in ``font``."""
     if not text:
         return 0, 0
-    left, top, right, bottom = ImageDraw.Draw(Image.new('RGB', (1, 1))).multiline_textbbox(
-        (0, 0), text, font=font, spacing=2)
+    box = ImageDraw.Draw(Image.new('RGB', (1, 1))).multiline_textbbox((0, 0), text, font=font, spacing=2)
+    # integers from an integer origin (Pillow annotates floats for a float one)
+    left, top, right, bottom = cast("tuple[int, int, int, int]", box)
     return right - min(left, 0), bottom - min(top, 0)
 
 
@@ -454,7 +455,9 @@ def _labelled_grid(func: str, rows: Sequence[Sequence[Image.Image]], *, titles: 
     for r, row in enumerate(rows):
         for c, cell in enumerate(row):
             picture = cell.convert('RGB')
-            picture = picture if picture.size == (width, height) else picture.resize((width, height), Image.NEAREST)
+            picture = picture if picture.size == (width, height) else picture.resize(
+                (width, height), Image.NEAREST  # type: ignore[attr-defined]  # Pillow sets its constants with setattr
+            )
             figure.paste(picture, (left + c * (width + padding), top + r * (height + padding)))
     for c, text in enumerate(wrapped):
         text_width, text_height = _text_size(text, font)

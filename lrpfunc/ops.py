@@ -331,7 +331,8 @@ def _all(names: str) -> list[Any]:
     return _names(torch, names) + _names(Tensor, names) + _names(F, names)
 
 
-def register(func: Callable[..., Any], op_class: type[Operation] | Classifier, *, params: Sequence[tuple[int, str]] = ()) -> None:
+def register(func: Callable[..., Any], op_class: type[Operation] | Classifier, *,
+             params: Sequence[tuple[int, str]] = ()) -> None:
     """Tell the tracer what class of operation ``func`` is.
 
     Args:
@@ -356,7 +357,9 @@ def register(func: Callable[..., Any], op_class: type[Operation] | Classifier, *
         _TABLE[func] = op_class
         _CONSTANT.pop(func, None)
     else:
-        raise TypeError(f"register: op_class must be an Operation subclass or a classifier, got {type(op_class).__name__}")
+        raise TypeError(
+            f"register: op_class must be an Operation subclass or a classifier, got {type(op_class).__name__}"
+        )
 
 
 def registered(func: Callable[..., Any]) -> bool:
@@ -364,7 +367,8 @@ def registered(func: Callable[..., Any]) -> bool:
     return func in _TABLE
 
 
-def classify(func: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any], is_activation: IsActivation) -> OpInfo:
+def classify(func: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any],
+             is_activation: IsActivation) -> OpInfo:
     """The :class:`OpInfo` of ``func(*args, **kwargs)``; ``is_activation(value)`` tells activation operands."""
     classifier = _TABLE.get(func)
     if classifier is None:
@@ -372,7 +376,8 @@ def classify(func: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str,
     return classifier(args, kwargs, is_activation)
 
 
-def class_of(func: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any], is_activation: IsActivation) -> type[Operation]:
+def class_of(func: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any],
+             is_activation: IsActivation) -> type[Operation]:
     """Only the class of ``func(*args, **kwargs)`` (what :func:`classify` returns, without the parameters)."""
     found = _CONSTANT.get(func)
     if found is not None:
@@ -421,9 +426,9 @@ def _register_builtins() -> None:
         register(func, _pow)
     elementwise = (
         "relu relu_ relu6 hardtanh hardtanh_ leaky_relu leaky_relu_ elu elu_ selu selu_ celu celu_ gelu silu mish "
-        "softplus hardswish hardsigmoid sigmoid sigmoid_ tanh tanh_ logsigmoid softsign tanhshrink threshold threshold_ "
-        "rrelu glu exp exp_ expm1 log log_ log1p log2 sqrt sqrt_ rsqrt rsqrt_ square abs abs_ sin cos erf erfc "
-        "reciprocal reciprocal_ clamp clamp_ clip clip_ clamp_min clamp_max sign softshrink hardshrink logit"
+        "softplus hardswish hardsigmoid sigmoid sigmoid_ tanh tanh_ logsigmoid softsign tanhshrink threshold "
+        "threshold_ rrelu glu exp exp_ expm1 log log_ log1p log2 sqrt sqrt_ rsqrt rsqrt_ square abs abs_ sin cos erf "
+        "erfc reciprocal reciprocal_ clamp clamp_ clip clip_ clamp_min clamp_max sign softshrink hardshrink logit"
     )
     for func in _all(elementwise) + [Tensor.__rtruediv__, Tensor.__rpow__, Tensor.__abs__]:
         register(func, Elementwise)
@@ -464,7 +469,7 @@ def _register_builtins() -> None:
     for func in _all(movement) + [Tensor.__setitem__]:
         register(func, DataMovement)
     for getter in (Tensor.T, Tensor.mT, Tensor.H, Tensor.mH, Tensor.real, Tensor.imag):
-        register(getter.__get__, DataMovement)
+        register(getter.__get__, DataMovement)  # type: ignore[attr-defined]  # torch's stubs type these as tensors
     register(F.scaled_dot_product_attention, Attention)
     register(F.multi_head_attention_forward, Attention)
 
@@ -501,7 +506,8 @@ def _linear_transpose(grad: Tensor, weight: Tensor, input: Tensor, args: Sequenc
 
 
 def _convolution_transpose(dims: int) -> Transpose:
-    def transpose(grad: Tensor, weight: Tensor, input: Tensor, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Tensor:  # noqa: A002
+    def transpose(grad: Tensor, weight: Tensor, input: Tensor, args: Sequence[Any],  # noqa: A002
+                  kwargs: Mapping[str, Any]) -> Tensor:
         stride = _tuple(_arg(args, kwargs, 3, "stride", 1), dims)
         padding = _tuple(_arg(args, kwargs, 4, "padding", 0), dims)
         dilation = _tuple(_arg(args, kwargs, 5, "dilation", 1), dims)
@@ -517,7 +523,8 @@ def _convolution_transpose(dims: int) -> Transpose:
 def _transposed_convolution_transpose(dims: int) -> Transpose:
     forward = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
 
-    def transpose(grad: Tensor, weight: Tensor, input: Tensor, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Tensor:  # noqa: A002
+    def transpose(grad: Tensor, weight: Tensor, input: Tensor, args: Sequence[Any],  # noqa: A002
+                  kwargs: Mapping[str, Any]) -> Tensor:
         stride = _arg(args, kwargs, 3, "stride", 1)
         padding = _arg(args, kwargs, 4, "padding", 0)
         groups = _arg(args, kwargs, 6, "groups", 1)
@@ -563,7 +570,8 @@ def transpose_of(func: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[
 
 
 def _sum_pullback(sign: float) -> Callable[..., tuple[Tensor, Tensor]]:
-    def pullback(grad: Tensor, first: Tensor, second: Tensor, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+    def pullback(grad: Tensor, first: Tensor, second: Tensor, args: Sequence[Any],
+                 kwargs: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
         alpha = kwargs.get("alpha", args[2] if len(args) > 2 else 1)
         other = grad.sum_to_size(second.shape)
         factor = sign * alpha

@@ -156,7 +156,9 @@ def zplus(stabilizer: StabilizerLike = 1e-6, zero_params: ZeroParams = None) -> 
     stab = ensure_stabilizer(stabilizer)
     return basic(
         input_modifiers=[_positive, _negative],
-        param_modifiers=[clamp_mod(min=0.0, zero_params=zero_params), clamp_mod(max=0.0, zero_params=_zero_bias(zero_params))],
+        param_modifiers=[
+            clamp_mod(min=0.0, zero_params=zero_params), clamp_mod(max=0.0, zero_params=_zero_bias(zero_params))
+        ],
         output_modifiers=[identity, identity],
         gradient_mapper=lambda grad, outputs: (grad / stab(_sum_present(outputs)),) * 2,
         reducer=_sign_split_reducer,
@@ -185,7 +187,9 @@ def alpha_beta(
     if alpha < 0 or beta < 0:
         raise ValueError(f"alpha_beta: alpha and beta must be non-negative, got alpha={alpha}, beta={beta}")
     if not math.isclose(alpha - beta, 1.0, rel_tol=1e-9, abs_tol=1e-9):
-        raise ValueError(f"alpha_beta: alpha - beta must equal 1, got alpha={alpha}, beta={beta} (difference {alpha - beta})")
+        raise ValueError(
+            f"alpha_beta: alpha - beta must equal 1, got alpha={alpha}, beta={beta} (difference {alpha - beta})"
+        )
     stab = ensure_stabilizer(stabilizer)
     nobias = _zero_bias(zero_params)
 
@@ -195,7 +199,9 @@ def alpha_beta(
         return positive, positive, negative, negative
 
     def reducer(inputs: Sequence[Tensor], gradients: Sequence[Tensor | None]) -> Tensor:
-        return alpha * _sign_split_reducer(inputs[:2], gradients[:2]) - beta * _sign_split_reducer(inputs[2:], gradients[2:])
+        positive = _sign_split_reducer(inputs[:2], gradients[:2])
+        negative = _sign_split_reducer(inputs[2:], gradients[2:])
+        return alpha * positive - beta * negative
 
     return basic(
         input_modifiers=[_positive, _negative, _positive, _negative],
@@ -612,7 +618,9 @@ class _Softmax:
     def __call__(self, call: Call, grad_outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         _one_output("softmax", call, grad_outputs)
         if len(call.inputs) != 1:
-            raise RuleError(f"rule softmax handles a softmax of one activation; {call.describe()} has {len(call.inputs)}")
+            raise RuleError(
+                f"rule softmax handles a softmax of one activation; {call.describe()} has {len(call.inputs)}"
+            )
         (x,), (y,), (grad,) = call.inputs, call.outputs, grad_outputs
         # J^T (R / y) = R - y * sum(R): no division where y underflowed to zero (masked positions)
         (gradient,) = call.pullback((grad / torch.where(y == 0, torch.ones_like(y), y),))
@@ -622,7 +630,8 @@ class _Softmax:
     gradient_form = "pullback"
 
     def modified_gradient(self, call: Call, grad_outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        """``g_in = J^T g``: with ``R = s * g``, ``x * J^T (R / s) = x * J^T g`` (where ``s = 0``, ``J^T`` ignores it)."""
+        """``g_in = J^T g``: with ``R = s * g``, ``x * J^T (R / s) = x * J^T g`` (where ``s = 0``, ``J^T`` ignores
+        it)."""
         _one_output("softmax", call, grad_outputs)
         return call.pullback(grad_outputs)
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -482,7 +482,8 @@ def _layout(texts: list[list[str]], colors: list[list[RGB]], font: Font, font_si
     def length(text: str) -> int:
         return round(measure.textlength(_drawable(text.replace('\t', _TAB), font), font=font))
 
-    _, ink_top, _, ink_bottom = measure.textbbox((0, 0), 'Hgjy|', font=font)
+    # integers from an integer origin (Pillow annotates floats for a float one)
+    _, ink_top, _, ink_bottom = cast("tuple[int, int, int, int]", measure.textbbox((0, 0), 'Hgjy|', font=font))
     pad_x, pad_y = max(2, font_size // 5), max(2, font_size // 6)
     gap, line_gap, margin = max(2, font_size // 8), max(3, font_size // 3), max(4, font_size // 2)
     box_height = ink_bottom - ink_top + 2 * pad_y

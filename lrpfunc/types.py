@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -84,7 +85,8 @@ def duck(
             return False
         return where is None or bool(where(module))
 
-    return DuckType(name, (), {"accepts": staticmethod(accepts), "__doc__": f"Duck type {name}: {class_name or ''} {list(has)}"})
+    doc = f"Duck type {name}: {class_name or ''} {list(has)}"
+    return DuckType(name, (), {"accepts": staticmethod(accepts), "__doc__": doc})
 
 
 class Sum:
@@ -166,7 +168,9 @@ Activation: tuple[type[nn.Module], ...] = (
 )
 
 #: ReLU as a module or a function (``F.relu``, ``torch.relu``, ``Tensor.relu`` and their in-place variants).
-ReLU: tuple[object, ...] = (nn.ReLU, F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_)
+ReLU: tuple[type | Callable[..., Any], ...] = (
+    nn.ReLU, F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_
+)
 
 #: A LayerNorm written by hand (the facebookresearch ConvNeXt ``LayerNorm`` with ``data_format``, and any module
 #: whose class name ends in ``LayerNorm``, e.g. T5's), matched by name.
