@@ -69,9 +69,9 @@ def check_setup(where: str, model: Any, composite: Any, canonizers: Any) -> tupl
     return canonizers
 
 
-def _listed(names: list[str]) -> str:
-    shown = ", ".join(repr(name) for name in names[:_LISTED])
-    return shown + (f" and {len(names) - _LISTED} more" if len(names) > _LISTED else "")
+def _listed(items: list[str]) -> str:
+    """The first items joined, and how many more there are."""
+    return ", ".join(items[:_LISTED]) + (f" and {len(items) - _LISTED} more" if len(items) > _LISTED else "")
 
 
 def _prefix_hint(unknown: list[str], known: Collection[str]) -> str:
@@ -105,7 +105,7 @@ def check_params(where: str, info: ModelInfo, model: torch.nn.Module, params: An
     if unknown:
         raise ValueError(
             f"{where}: params has names that are neither parameters nor buffers of "
-            f"{type(model).__name__}: {_listed(unknown)}{_prefix_hint(unknown, info.known)}"
+            f"{type(model).__name__}: {_listed([repr(name) for name in unknown])}{_prefix_hint(unknown, info.known)}"
         )
     for name, value in params.items():
         if not isinstance(value, Tensor):
@@ -192,15 +192,14 @@ def warn_training_mode(where: str, model: torch.nn.Module, modules: list[tuple[s
     training = [(name, module) for name, module in modules if module.training]
     if not training:
         return False
-    listed = ", ".join(
+    listed = _listed([
         f"{type(module).__name__} {name!r} "
         + ("(active)" if isinstance(module, torch.nn.modules.dropout._DropoutNd) else "(the batch's statistics)")
-        for name, module in training[:_LISTED]
-    )
-    more = f" and {len(training) - _LISTED} more" if len(training) > _LISTED else ""
+        for name, module in training
+    ])
     warnings.warn(
         f"{where}: {type(model).__name__} is in training mode, in which these modules compute differently: "
-        f"{listed}{more}; two calls differ, and the relevance is not that of the network used for inference. Call "
+        f"{listed}; two calls differ, and the relevance is not that of the network used for inference. Call "
         f"model.eval() first; to keep training mode on purpose, silence this with "
         f"warnings.filterwarnings('ignore', category=lrpfunc.TrainingModeWarning)",
         TrainingModeWarning,

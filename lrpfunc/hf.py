@@ -59,8 +59,7 @@ class FromEmbeddings(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        signature = inspect.signature(model.forward)
-        self.no_cache = "use_cache" in signature.parameters
+        self.no_cache = _takes_use_cache(model)
 
     def forward(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         kwargs: dict[str, Any] = {"inputs_embeds": inputs_embeds}
@@ -69,6 +68,17 @@ class FromEmbeddings(nn.Module):
         if self.no_cache:
             kwargs["use_cache"] = False
         return self.model(**kwargs).logits
+
+
+def _takes_use_cache(model: nn.Module) -> bool:
+    """Whether ``model.forward`` has a ``use_cache`` argument (a language model's key-value cache, turned off here)."""
+    return "use_cache" in inspect.signature(model.forward).parameters
+
+
+def _check_input_ids(where: str, input_ids: Any) -> None:
+    if not isinstance(input_ids, Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point():
+        got = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
+        raise ValueError(f"{where}: input_ids must be an integer tensor (B, L), got {got}")
 
 
 def _position_modules(model: nn.Module) -> list[str]:
@@ -158,9 +168,7 @@ def attribute_tokens(
         chunk_size: int | None = None,
         params: Mapping[str, Tensor] | None = None,
     ) -> TokenAttribution:
-        if not isinstance(input_ids, Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point():
-            got = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
-            raise ValueError(f"attribute_tokens: input_ids must be an integer tensor (B, L), got {got}")
+        _check_input_ids("attribute_tokens", input_ids)
         if target is not None and targets is not None:
             raise ValueError("attribute_tokens: give target (one attribution) or targets (several), not both")
         # the model's own parameters detached by default: a heatmap needs no tape for them (ParamsRequireGradWarning)
@@ -335,7 +343,7 @@ def attribute_generation(
     """
     _check_model(model)
     tokens = attribute_tokens(model, composite, canonizers, positions=positions)
-    uses_cache = "use_cache" in inspect.signature(model.forward).parameters
+    uses_cache = _takes_use_cache(model)
 
     def explain(
         input_ids: Tensor,
@@ -346,9 +354,7 @@ def attribute_generation(
         chunk_size: int | None = None,
         params: Mapping[str, Tensor] | None = None,
     ) -> GenerationAttribution:
-        if not isinstance(input_ids, Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point():
-            got = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
-            raise ValueError(f"attribute_generation: input_ids must be an integer tensor (B, L), got {got}")
+        _check_input_ids("attribute_generation", input_ids)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"attribute_generation: max_new_tokens must be a positive int, got {max_new_tokens!r}")
         batch, length = input_ids.shape
