@@ -178,15 +178,17 @@ def sweep(
 
     Two forms of cotangent travel: relevance ``R``, and a gradient ``g`` with ``R = value * g``. A rule that is
     ``R_in = x * J^T (R / z)`` without stabilizer (its ``gradient_form``: ``"pullback"`` for epsilon and norm with
-    epsilon 0 and for softmax, whose ``J`` is the call's own Jacobian; ``"modified"`` for normalization with its
-    statistics held and for uniform and gated with stabilizer 0) turns whatever arrives into a gradient (``R / z``,
-    zero where ``z = 0``: the rule's own division) and passes ``J^T g`` on, leaving out the product with ``x`` and the
-    next rule's division by the same value. A call whose rule is ``"pullback"`` may even stay on the tape (the tracer's
-    ``transparent``): pieces of the tape with such calls propagate gradients. Every other rule, a piece with an
-    operation other than data movement or selection and without a rule, an observer and the inputs get relevance: a
-    gradient is multiplied by its value first (infinite values count as zero, as the softmax rule's masked scores);
-    data movement passes either form. Where every rule of a chain has a gradient form, the sweep costs about what a
-    gradient costs, and the result is that of the rules in relevance form wherever no output divided by is zero.
+    epsilon 0 and for softmax, whose ``J`` is the call's own Jacobian; ``"split"`` for uniform with stabilizer 0, the
+    pullback divided by the number of operands; ``"modified"`` for normalization with its statistics held and for gated
+    with stabilizer 0) turns whatever arrives into a gradient (``R / z``, zero where ``z = 0``: the rule's own
+    division) and passes ``J^T g`` on, leaving out the product with ``x`` and the next rule's division by the same
+    value. A call whose rule is ``"pullback"`` (an operation whose rule is ``"split"``, its output's gradient divided)
+    may even stay on the tape (the tracer's ``transparent``): pieces of the tape with such calls propagate gradients.
+    Every other rule, a piece with an operation other than data movement or selection and without a rule, an observer
+    and the inputs get relevance: a gradient is multiplied by its value first (infinite values count as zero, as the
+    softmax rule's masked scores); data movement passes either form. Where every rule of a chain has a gradient form,
+    the sweep costs about what a gradient costs, and the result is that of the rules in relevance form wherever no
+    output divided by is zero.
 
     Args:
         trace: The recorded forward pass.
@@ -435,8 +437,14 @@ def _finite(value: Tensor) -> Tensor:
 
 
 def _gradient_rule(step: RuledCall, call: Call, grad_outputs: tuple[Tensor, ...]) -> tuple[Tensor | None, ...]:
-    """``step.rule.modified_gradient(call, grad_outputs)``, checked like a rule's result."""
-    return _checked(step.rule, call, tuple(step.rule.modified_gradient(call, grad_outputs)), "gradient")
+    """The rule of ``step`` in gradient form, checked like a rule's result: ``J^T g / n`` for a ``"split"`` rule (``n``
+    activation inputs), else ``step.rule.modified_gradient(call, grad_outputs)``."""
+    if step.traits.splits:
+        count = len(call.inputs)
+        gradients = call.pullback(tuple(grad / count for grad in grad_outputs))
+    else:
+        gradients = step.rule.modified_gradient(call, grad_outputs)
+    return _checked(step.rule, call, tuple(gradients), "gradient")
 
 
 def _checked(rule: Any, call: Call, results: tuple[Tensor | None, ...], what: str) -> tuple[Tensor | None, ...]:

@@ -858,8 +858,10 @@ class Tracer(TorchFunctionMode):
                 rule = self.offer(site)
         transparent = self.transparent_depth > 0
         traits = traits_of(rule)
-        if rule is not None and self.transparent and traits.transparent:
-            transparent, rule = True, None  # its rule is its pullback in gradient form: on the tape
+        split = 0  # > 0: the operation's gradient is divided by this number (a "split" rule on the tape)
+        if rule is not None and self.transparent and (traits.transparent or traits.splits):
+            # its rule is its pullback (divided by its number of activation operands) in gradient form: on the tape
+            transparent, rule, split = True, None, len(act) if traits.splits else 0
         if rule is not None:
             assert site is not None
             decompose = traits.decompose
@@ -891,6 +893,8 @@ class Tracer(TorchFunctionMode):
         # an operation without a rule: on the tape
         if self.per_op:
             result, pullback = self._run_vjp(fn, leaves, spec, act)
+            if split:
+                pullback = _divided_pullback(pullback, split)
             _, outputs = self._register_outputs(result, activation=True)
             for vid in outputs:
                 self.cut.add(vid)
@@ -934,6 +938,9 @@ class Tracer(TorchFunctionMode):
                 if transparent:
                     self.mark_piece(piece, True)
                     self.transparent_outputs.update(outputs)
+                    if split:
+                        for vid in outputs:  # what reaches the output passes the operation's pullback divided
+                            self.tensors[vid].register_hook(_Divide(split))
                 elif not _ops.moves_values(func, op_class):  # its pullback is not a mere move of the cotangent
                     self.mark_piece(piece, False)
                 elif any(self.takes_relevance(vids[p]) for p in act):  # type: ignore[arg-type]
@@ -1062,6 +1069,27 @@ def _no_pullback(count: int) -> Callable[..., Any]:
         return (None,) * count
 
     return pullback
+
+
+class _Divide:
+    """A gradient hook: ``g / count`` (the pullback of a ``"split"`` rule's operation on the tape)."""
+
+    __slots__ = ("count",)
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def __call__(self, grad: Tensor) -> Tensor:
+        return grad / self.count
+
+
+def _divided_pullback(pullback: Callable[..., Any], count: int) -> Callable[..., Any]:
+    """``pullback`` of the output gradients divided by ``count`` (a ``"split"`` rule on the per-operation tape)."""
+
+    def divided(grads: Any) -> Any:
+        return pullback(tuple(grad / count for grad in grads))
+
+    return divided
 
 
 def _source_class(node: Node, sources: Mapping[int, type | None]) -> type | None:

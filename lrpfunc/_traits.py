@@ -16,6 +16,10 @@ attribute           default                    meaning
 ``gradient_form``   ``None``                   ``"pullback"``: the rule is ``R_in = x * J^T (R / z)`` with the
                                                call's own Jacobian and no stabilizer, so in gradient form it *is*
                                                the call's pullback (the call may stay on the tape);
+                                               ``"split"``: the same with ``J^T`` divided by the number ``n``
+                                               of the call's activation inputs (the uniform rule), so an
+                                               operation may stay on the tape with its output's gradient
+                                               divided by ``n``;
                                                ``"modified"``: the same with a modified ``J``, computed by the
                                                rule's ``modified_gradient(call, grad_outputs)``
 ``decompose``       ``None``                   ``decompose(func, args, kwargs)``: the operation is not a call of
@@ -39,7 +43,7 @@ Tensor = torch.Tensor
 __all__ = ["Rule", "RuleTraits", "traits_of", "GRADIENT_FORMS"]
 
 #: The values ``gradient_form`` may take besides ``None``.
-GRADIENT_FORMS = ("pullback", "modified")
+GRADIENT_FORMS = ("pullback", "split", "modified")
 
 
 class Rule(Protocol):
@@ -69,6 +73,12 @@ class RuleTraits:
         return self.gradient_form == "pullback"
 
     @property
+    def splits(self) -> bool:
+        """In gradient form the rule is the call's own pullback divided by its number of activation inputs: an
+        operation may stay on the tape, its output's gradient divided by that number."""
+        return self.gradient_form == "split"
+
+    @property
     def records(self) -> bool:
         """Whether the call's operations must be recorded (a rule that neither replays nor pulls back needs none)."""
         return self.needs_pullback or self.replays
@@ -84,8 +94,8 @@ def traits_of(rule: Any) -> RuleTraits:
     """The traits of ``rule`` (read once per rule object; ``None`` has the defaults).
 
     Raises:
-        RuleError: ``gradient_form`` is not ``None``, ``"pullback"`` or ``"modified"``, a ``"modified"`` rule has no
-            ``modified_gradient``, or ``decompose`` is not callable.
+        RuleError: ``gradient_form`` is not ``None``, ``"pullback"``, ``"split"`` or ``"modified"``, a ``"modified"``
+            rule has no ``modified_gradient``, or ``decompose`` is not callable.
     """
     if rule is None:
         return _NONE
@@ -105,7 +115,7 @@ def _read(rule: Any) -> RuleTraits:
     name = getattr(rule, "name", None) or getattr(rule, "__name__", None) or type(rule).__name__
     form = getattr(rule, "gradient_form", None)
     if form is not None and form not in GRADIENT_FORMS:
-        raise RuleError(f"rule {name}: gradient_form must be None, 'pullback' or 'modified', got {form!r}")
+        raise RuleError(f"rule {name}: gradient_form must be None, 'pullback', 'split' or 'modified', got {form!r}")
     if form == "modified" and not callable(getattr(rule, "modified_gradient", None)):
         raise RuleError(f"rule {name}: gradient_form 'modified' needs a method modified_gradient(call, grad_outputs)")
     decompose = getattr(rule, "decompose", None)

@@ -523,18 +523,14 @@ class _Uniform:
 
     @property
     def gradient_form(self) -> str | None:
-        return "modified" if is_zero(self.stabilizer) else None
+        """Without stabilizer, ``"split"``: ``g_k = J_k^T g / n`` (``R_k = x_k * g_k`` for ``R = z * g``)."""
+        return "split" if is_zero(self.stabilizer) else None
 
     def __call__(self, call: Call, grad_outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         _one_output("uniform", call, grad_outputs)
         (output,), (grad,) = call.outputs, grad_outputs
         gradients = call.pullback((divider(self.stabilizer)(grad, output) / len(call.inputs),))
         return tuple(x * g for x, g in zip(call.inputs, gradients))
-
-    def modified_gradient(self, call: Call, grad_outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        """Without stabilizer: ``g_k = J_k^T g / n`` (``R_k = x_k * g_k`` for ``R = z * g``)."""
-        _one_output("uniform", call, grad_outputs)
-        return call.pullback((grad_outputs[0] / len(call.inputs),))
 
 
 def uniform(stabilizer: StabilizerLike = 1e-6) -> _Uniform:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import lrpfunc
-from lrpfunc import composites, ops, rules, types
+from lrpfunc import _tape, composites, ops, rules, types
 from lrpfunc._attribute import Setup, run_trace
 from lrpfunc._record import RuledCall
 from lrpfunc._tape import AutogradTape
@@ -59,9 +59,43 @@ def test_transparent_calls_leave_only_the_modified_rules_as_steps() -> None:
     x = torch.randn(2, 5, 16, dtype=D)
     transparent = _ruled_calls(model, composites.attnlrp(), x, True)
     every = _ruled_calls(model, composites.attnlrp(), x, False)
-    # linear layers, sums, softmax and scaling are their pullbacks in gradient form: they stay on the tape
-    assert sorted(set(transparent)) == ["normalization()", "passthrough", "uniform"]
-    assert "epsilon(epsilon=0.0)" in every and "softmax" in every and len(every) > 2 * len(transparent)
+    # linear layers, sums, softmax and scaling are their pullbacks in gradient form, products (the uniform rule) their
+    # pullbacks divided by two: they stay on the tape
+    assert sorted(set(transparent)) == ["normalization()", "passthrough"]
+    assert "epsilon(epsilon=0.0)" in every and "softmax" in every and "uniform" in every
+    assert len(every) > 2 * len(transparent)
+
+
+@pytest.mark.parametrize("tape", ["autograd", "level", "vjp"])
+def test_products_split_on_the_tape_equal_the_uniform_rule_on_every_tape(tape: str) -> None:
+    """A ``"split"`` rule (the uniform rule without stabilizer) on the tape divides its output's gradient by its number
+    of activation operands: on the shared tapes by a hook, on the per-operation tape by its pullback. ``x * x`` counts
+    twice. Equal to the rule in relevance form and under ``torch.func.grad`` (the level tape), float64."""
+
+    class Products(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(4, 6)
+            self.out = nn.Linear(6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.a(x)
+            return self.out(h * self.b(x) + h * h)
+
+    torch.manual_seed(3)
+    model = Products().to(D)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    x, seed = torch.randn(4, 4, dtype=D), torch.randn(4, 3, dtype=D)
+    composite = composites.attnlrp()
+    _, reference, _ = lrpfunc.attribute_with_params(model, composite)(params, x, seed)
+    with _tape.forced(tape):
+        _, relevance = lrpfunc.attribute(model, composite)(params, x, seed)
+        loss_grad = torch.func.grad(lambda v: lrpfunc.attribute(model, composite)(params, v, seed)[1].square().sum())(x)
+    torch.testing.assert_close(relevance, reference, rtol=1e-12, atol=1e-14)
+    expected = torch.func.grad(
+        lambda v: lrpfunc.attribute_with_params(model, composite)(params, v, seed)[1].square().sum()
+    )(x)
+    torch.testing.assert_close(loss_grad, expected, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("composite", [composites.attnlrp(), composites.cp_lrp()], ids=["attnlrp", "cp_lrp"])
@@ -158,7 +192,7 @@ def test_rules_with_a_stabilizer_have_no_gradient_form() -> None:
     assert rules.epsilon(lrpfunc.Stabilizer(0.0)).gradient_form == "pullback"
     assert rules.norm(0.0).gradient_form == "pullback"
     assert rules.normalization(0.0).gradient_form == "modified"
-    assert rules.uniform(0.0).gradient_form == "modified" and rules.uniform(1e-6).gradient_form is None
+    assert rules.uniform(0.0).gradient_form == "split" and rules.uniform(1e-6).gradient_form is None
     assert rules.gated(0.0).gradient_form == "modified"
     assert rules.softmax().gradient_form == "pullback"
     assert getattr(rules.zplus(), "gradient_form", None) is None

@@ -49,3 +49,41 @@ def test_values_inside_pieces_are_dropped_before_the_sweep(monkeypatch) -> None:
     monkeypatch.setattr(attribute_module, "sweep", sweep)
     _, again = lrpfunc.attribute(model, composites.epsilon_plus())(params, x, g)
     assert torch.equal(relevance, again)
+
+
+class Scores(nn.Module):
+    """Attention scores ``q @ k^T`` scaled, then a softmax: the scores are only an intermediate value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+        self.scores: weakref.ref[torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self.q(x) @ self.k(x).transpose(-1, -2)
+        self.scores = weakref.ref(scores)
+        return (scores * 0.5).softmax(-1) @ self.v(x)
+
+
+def test_products_in_gradient_form_stay_on_the_tape_and_hold_nothing(monkeypatch) -> None:
+    """Under AttnLRP the uniform rule is ``J^T g / 2`` in gradient form: ``q @ k^T`` stays on the tape with its output's
+    gradient divided, so the score matrix (the memory of long contexts) is freed before the sweep, as for a gradient."""
+    torch.manual_seed(0)
+    model = Scores().to(D)
+    alive: list[bool] = []
+    sweep = attribute_module.sweep
+
+    def checked(trace, *args, **kwargs):
+        assert model.scores is not None
+        alive.append(model.scores() is not None)
+        return sweep(trace, *args, **kwargs)
+
+    monkeypatch.setattr(attribute_module, "sweep", checked)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    x, g = torch.randn(2, 5, 4, dtype=D), torch.randn(2, 5, 4, dtype=D)
+    _, relevance = lrpfunc.attribute(model, composites.attnlrp(epsilon=0.0))(params, x, g)
+    assert alive == [False]
+    monkeypatch.setattr(attribute_module, "sweep", sweep)
+    # the same rules in relevance form (every rule a step of its own)
+    _, reference, _ = lrpfunc.attribute_with_params(model, composites.attnlrp(epsilon=0.0))(params, x, g)
+    torch.testing.assert_close(relevance, reference, rtol=1e-12, atol=1e-14)

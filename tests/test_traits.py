@@ -49,7 +49,7 @@ class _ModifiedWithoutMethod:
 @pytest.mark.parametrize(
     ("rule", "message"),
     [
-        (_BadForm(), r"rule bad: gradient_form must be None, 'pullback' or 'modified', got 'gradient'"),
+        (_BadForm(), r"rule bad: gradient_form must be None, 'pullback', 'split' or 'modified', got 'gradient'"),
         (_ModifiedWithoutMethod(), r"rule half-declared: gradient_form 'modified' needs a method modified_gradient"),
     ],
 )
