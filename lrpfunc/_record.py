@@ -10,6 +10,7 @@ from typing import Any, cast
 import optree
 import torch
 
+from . import ops as _ops
 from ._composite import CallSite
 from ._tape import Tape
 from ._traits import RuleTraits
@@ -283,3 +284,10 @@ class Trace:
 
     def find(self, piece: int) -> int:
         return find_piece(self.piece_parent, piece)
+
+
+def source_class(node: Node, sources: Mapping[int, type | None]) -> type | None:
+    """The class of the operation that produced a value, looking through data movement."""
+    if node.op_class is _ops.DataMovement and node.inputs:
+        return sources.get(node.inputs[0])
+    return node.op_class

@@ -1,0 +1,145 @@
+"""Recording a module call: inside a ruled or merged call it is covered, on constants it is no site, a BatchNorm may
+fold into the layer before it, and otherwise it is offered to the composite, whose rule makes it a ruled call (or,
+for a rule that is the call's own pullback in gradient form, leaves everything inside on the tape)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ._composite import CallSite
+from ._functionalize import is_float
+from ._interception import MODULE_CALL
+from ._merge import MERGEABLE_MODULES, NOT_MERGED, TRANSPOSABLE, is_batchnorm, note_mergeable, try_merge
+from ._record import Observation, RuledCall, flatten_call, tensor_leaves
+from ._ruled import finish_ruled, run_ruled
+from ._traits import traits_of
+
+if TYPE_CHECKING:
+    from ._trace import Tracer
+
+Tensor = torch.Tensor
+
+
+def record_module_call(tracer: Tracer, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Run and record one module call of the forward pass (see the module docstring); returns its output."""
+    key = id(module)
+    index = tracer.call_counts.get(key, 0)
+    tracer.call_counts[key] = index + 1
+    name = tracer.names.get(key)
+    if name is None:
+        tracer.info.check_module(module)
+        name = f"<{type(module).__name__}>"
+    module_index = tracer.module_index
+    tracer.module_index += 1
+    call = tracer.call
+    if call is not None or tracer.covered or tracer.transparent_depth:
+        if tracer.record_sites:
+            site = CallSite("module", module_index, name, module, None, None, index, tracer.next_order(), None)
+            by = (call.site.name if call is not None
+                  else ("a merged BatchNorm" if tracer.covered else "a call in gradient form"))
+            tracer.note_covered(site, by)
+        tracer.stack.append(name)
+        try:
+            return MODULE_CALL(module, *args, **kwargs)
+        finally:
+            tracer.stack.pop()
+    observed = tracer.observe(name, index) if tracer.observe is not None else None
+    if tracer.merge_batchnorm and is_batchnorm(module):
+        merged = try_merge(tracer, module, module_index, index, name, args, kwargs)
+        if merged is not NOT_MERGED:
+            if observed is not None:
+                add_observation(tracer, observed, merged)
+            return merged
+    if not reads_activation(tracer, args, kwargs):
+        return record_constant_call(tracer, module, name, args, kwargs, observed)
+    site = CallSite("module", module_index, name, module, None, None, index, tracer.next_order(), None)
+    rule = tracer.offer(site)
+    traits = traits_of(rule)
+    transparent = rule is not None and tracer.transparent and traits.transparent
+    tracer.stack.append(name)
+    try:
+        if transparent:  # its rule is its pullback in gradient form: everything inside goes on the tape
+            tracer.transparent_depth += 1
+            try:
+                output = MODULE_CALL(module, *args, **kwargs)
+            finally:
+                tracer.transparent_depth -= 1
+            ruled = None
+        elif rule is None:
+            output = MODULE_CALL(module, *args, **kwargs)
+            ruled = None
+        else:
+            ruled = RuledCall(site, rule, traits, module)
+            ruled.transposed = (
+                type(module) in TRANSPOSABLE
+                and getattr(module, "padding_mode", "zeros") == "zeros"
+                and not isinstance(getattr(module, "padding", 0), str)
+                and (key, index) not in tracer.skip_transpose
+            )
+            for local, tensor in tracer.info.module_params(module):
+                vid = tracer.vid(tensor)
+                if vid is not None:
+                    ruled.param_vids[local] = vid
+                    tracer.lower(vid)
+            output = run_ruled(tracer, ruled, lambda: MODULE_CALL(module, *args, **kwargs))
+    finally:
+        tracer.stack.pop()
+    if ruled is not None:
+        output = finish_ruled(tracer, ruled, output)
+    if tracer.merge_batchnorm and isinstance(module, MERGEABLE_MODULES):
+        note_mergeable(tracer, ruled, module, output, name, transparent)
+    if observed is not None:
+        add_observation(tracer, observed, output)
+    return output
+
+
+def reads_activation(tracer: Tracer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether a tensor among a call's arguments is an activation (depends on the model's input)."""
+    activations = tracer.activations
+    for leaf in flatten_call(args, kwargs)[0]:
+        if isinstance(leaf, Tensor):
+            vid = tracer.vid(leaf)
+            if vid is not None and vid in activations:
+                return True
+    return False
+
+
+def record_constant_call(tracer: Tracer, module: torch.nn.Module, name: str, args: tuple[Any, ...],
+                         kwargs: dict[str, Any], observed: str | None) -> Any:
+    """A module call on constants alone (a learned query, a position table, an encoder fed token ids while the
+    relevance goes to the decoder's embeddings): no relevance passes through it, so it is no call site, like an
+    operation on constants; its output is a constant. A submodule or operation inside it that does read an
+    activation is a call site of its own."""
+    tracer.stack.append(name)
+    try:
+        output = MODULE_CALL(module, *args, **kwargs)
+    finally:
+        tracer.stack.pop()
+    if observed is not None:
+        add_observation(tracer, observed, output)
+    return output
+
+
+def add_observation(tracer: Tracer, name: str, output: Any) -> None:
+    """An observed module's output (:func:`lrpfunc.attribute_layers`): its activations become cuts, and an
+    :class:`~lrpfunc._record.Observation` step where the sweep reads (and may change) the relevance arriving there."""
+    vids, push = [], []
+    for leaf in tensor_leaves(output):
+        vid = tracer.vid(leaf)
+        if vid is None or vid not in tracer.activations or not is_float(tracer.value(vid)):
+            continue
+        tracer.hold(vid)
+        vids.append(vid)
+        tracer.lower(vid)  # the sweep reads its value (relevance = value * gradient)
+        tracer.note_relevance_sink(vid)
+        first = vid not in tracer.observed
+        tracer.observed.add(vid)
+        # a value inside a piece becomes a cut here; the sweep pushes its relevance back into the piece
+        push.append(first and vid not in tracer.cut)
+        if vid not in tracer.cut:
+            tracer.cut.add(vid)
+            if not tracer.per_op:
+                tracer.pending_cut.add(vid)
+    tracer.steps.append(Observation(name, vids, push))
