@@ -145,13 +145,13 @@ class ParamMod:
                 f"{call.describe()}, which has parameters: {have}. Use a rule without parameters "
                 f"(e.g. norm or passthrough) for this call, or ParamMod(..., require_params=False)."
             )
-        zero = set(self.zero_params or ())
-        modified = dict(call.params)
-        for key in keys:
-            param = call.params.get(key)
-            if param is None:
-                continue
-            modified[key] = torch.zeros_like(param) if key in zero else self.modifier(param, key)
+        zero, wanted = set(self.zero_params or ()), set(keys)
+        modified: dict[str, Tensor] = {}
+        for key in call.params:  # each read once: a parameter computed when read (merged) is not held beside its change
+            param = call.params[key]
+            if key in wanted:
+                param = torch.zeros_like(param) if key in zero else self.modifier(param, key)
+            modified[key] = param
         return modified
 
 

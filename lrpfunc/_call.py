@@ -87,8 +87,7 @@ class Call:
         """
         if self._transpose is None:
             raise RuleError(f"{self.describe()} is not one linear operation: it has no closed-form transpose")
-        merged = self.params if params is None else {**self.params, **params}
-        return self._transpose(grad, merged)
+        return self._transpose(grad, self.params if params is None else _overridden(self.params, params))
 
     def forward(
         self, inputs: Sequence[Tensor], params: Mapping[str, Tensor] | None = None, *, hold_statistics: bool = False
@@ -105,7 +104,7 @@ class Call:
         Returns:
             The floating-point outputs, like :attr:`outputs`.
         """
-        merged = dict(self.params) if params is None else {**self.params, **params}
+        merged = dict(self.params) if params is None else _overridden(self.params, params)
         if hold_statistics:
             return self._forward(tuple(inputs), merged, True)
         return self._forward(tuple(inputs), merged)
@@ -119,3 +118,11 @@ class Call:
         kind = type(self.module).__name__ if self.module is not None else f"operation {self.op}"
         suffix = f" (call {self.call_index + 1})" if self.call_index else ""
         return f"{kind} '{self.name}'{suffix}"
+
+
+def _overridden(params: Mapping[str, Tensor], changes: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``{**params, **changes}`` without reading the parameters that ``changes`` replaces (merged parameters are
+    computed when read)."""
+    result = {name: params[name] for name in params if name not in changes}
+    result.update(changes)
+    return result

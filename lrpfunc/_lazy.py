@@ -1,4 +1,4 @@
-"""Parameters computed on first access."""
+"""Parameters computed on access."""
 
 from __future__ import annotations
 
@@ -10,17 +10,29 @@ __all__ = ["LazyParams"]
 
 
 class LazyParams(Mapping[str, torch.Tensor]):
-    """Parameters computed on first access (merged parameters are only needed by rules that read them)."""
+    """Parameters computed when read (merged parameters are only needed by rules that read them), each by
+    ``compute(name)``.
 
-    def __init__(self, names: tuple[str, ...], compute: Callable[[], dict[str, torch.Tensor]]) -> None:
+    ``cache=False`` computes a parameter again at each read and keeps nothing: a rule that modifies a merged weight
+    (``W'^+``) then holds the modified weight alone, not the merged one beside it (one weight's memory less at the
+    peak of a rule on a large convolution), for the cost of an element-wise product per read.
+    """
+
+    def __init__(self, names: tuple[str, ...], compute: Callable[[str], torch.Tensor], *, cache: bool = True) -> None:
         self._names = names
-        self._compute: Callable[[], dict[str, torch.Tensor]] | None = compute
+        self._compute = compute
+        self._cache = cache
         self._values: dict[str, torch.Tensor] = {}
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        if self._compute is not None:
-            self._values, self._compute = self._compute(), None
-        return self._values[name]
+        if name not in self._names:
+            raise KeyError(name)
+        found = self._values.get(name)
+        if found is None:
+            found = self._compute(name)
+            if self._cache:
+                self._values[name] = found
+        return found
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)

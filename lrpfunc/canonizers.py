@@ -100,14 +100,16 @@ def merged_layer(
         scale = (var + eps) ** -0.5
         return scale if statistics["weight"] is None else statistics["weight"] * scale
 
-    def merged() -> dict[str, Tensor]:
+    def merged(name: str) -> Tensor:
+        scale = channel_scale()
+        if name == "weight":
+            return _scale_weight(layer, weight, scale)
         mean = statistics["running_mean"]
         assert mean is not None
-        scale = channel_scale()
         merged_bias = (-mean if bias is None else bias - mean) * scale
         if statistics["bias"] is not None:
             merged_bias = merged_bias + statistics["bias"]
-        return {"weight": _scale_weight(layer, weight, scale), "bias": merged_bias}
+        return merged_bias
 
     layer_nodes, layer_inputs = tuple(nodes), tuple(inputs)
     weight_vid, bias_vid = param_vids.get("weight"), param_vids.get("bias")
@@ -126,7 +128,7 @@ def merged_layer(
             output = output + params["bias"].reshape(-1, *([1] * (output.ndim - 2)))
         return (output,)
 
-    return LazyParams(("weight", "bias"), merged), forward, channel_scale
+    return LazyParams(("weight", "bias"), merged, cache=False), forward, channel_scale
 
 
 @dataclass(frozen=True)

@@ -87,3 +87,39 @@ def test_products_in_gradient_form_stay_on_the_tape_and_hold_nothing(monkeypatch
     # the same rules in relevance form (every rule a step of its own)
     _, reference, _ = lrpfunc.attribute_with_params(model, composites.attnlrp(epsilon=0.0))(params, x, g)
     torch.testing.assert_close(relevance, reference, rtol=1e-12, atol=1e-14)
+
+
+def test_a_rule_on_a_merged_layer_holds_its_modified_weight_alone(monkeypatch) -> None:
+    """With a BatchNorm folded into a convolution, z+ reads the merged weight once and keeps only its positive part:
+    the merged weight is freed before the modified convolution runs (on a large layer, a weight's memory less)."""
+    from lrpfunc import _basic, canonizers
+
+    merged: list[weakref.ref[torch.Tensor]] = []
+    dead_after_apply: list[bool] = []
+    scale_weight, apply = canonizers._scale_weight, _basic.ParamMod.apply
+
+    def recorded(*args, **kwargs):
+        weight = scale_weight(*args, **kwargs)
+        merged.append(weakref.ref(weight))
+        return weight
+
+    def checked(self, call, rule="ParamMod"):
+        before = len(merged)
+        modified = apply(self, call, rule)
+        if self.modifier is not _basic.keep_param and len(merged) > before:
+            dead_after_apply.append(all(ref() is None for ref in merged[before:]))
+        return modified
+
+    monkeypatch.setattr(canonizers, "_scale_weight", recorded)
+    monkeypatch.setattr(_basic.ParamMod, "apply", checked)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 3)).to(D).eval()
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    x, g = torch.randn(2, 3, 8, 8, dtype=D), torch.randn(2, 3, dtype=D)
+    fn = lrpfunc.attribute(model, composites.epsilon_plus(), canonizers.merge_batchnorm())
+    _, relevance = fn(params, x, g)
+    assert dead_after_apply and all(dead_after_apply)
+    monkeypatch.setattr(_basic.ParamMod, "apply", apply)
+    monkeypatch.setattr(canonizers, "_scale_weight", scale_weight)
+    torch.testing.assert_close(fn(params, x, g)[1], relevance, rtol=0, atol=0)
