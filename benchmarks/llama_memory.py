@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Peak memory of AttnLRP on a 110M-parameter Llama: lrpfunc, LXT 2.1 and the plain gradient.
+"""Peak memory of AttnLRP on a 110M-parameter Llama: lrpfunc (and its memory mode), LXT 2.1 and the plain gradient.
 
-    /work/lxt-venv/bin/python benchmarks/llama_memory.py [--tokens 1024 2048] [--impls gradient lxt lrpfunc]
+    /work/lxt-venv/bin/python benchmarks/llama_memory.py [--tokens 1024 2048]
+        [--impls gradient lxt lrpfunc lrpfunc-recompute]
         [--threads 2] [--out benchmarks/llama_memory.txt]
 
 Runs in the environment that ``benchmarks/setup_lxt.sh`` creates (LXT 2.1 needs transformers 4.52.x);
@@ -17,7 +18,10 @@ attention, batch 1. The target is the largest logit at the last position.
 - ``lxt``: the same after ``lxt.efficient.monkey_patch(transformers.models.llama.modeling_llama)``
   (LXT's AttnLRP, efficient API, as its README does it);
 - ``lrpfunc``: ``lrpfunc.attribute(lrpfunc.hf.FromEmbeddings(model), composites.attnlrp())`` called under
-  ``torch.no_grad()`` with a one-hot seed at the target (built once, outside the measured call).
+  ``torch.no_grad()`` with a one-hot seed at the target (built once, outside the measured call);
+- ``lrpfunc-recompute``: the same with ``lrpfunc.hf.recompute_layers(model, attnlrp())``, the memory mode (each
+  decoder layer recomputed when the sweep reaches it); its time is also measured against the plain gradient's in
+  the same process (medians of 3 interleaved rounds).
 
 Each measurement runs in a fresh ``python`` process (LXT's patches are global to a process, and one
 measurement's allocator state must not carry over into another's): ``benchmarks.run.peak_memory``, the
@@ -44,6 +48,8 @@ LLAMA = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hid
              num_key_value_heads=4, max_position_embeddings=4096, attention_bias=False, mlp_bias=False,
              tie_word_embeddings=False)
 IMPLS = ("gradient", "lxt", "lrpfunc")
+#: The memory mode (``lrpfunc.hf.recompute_layers``), measured when asked for.
+RECOMPUTE = "lrpfunc-recompute"
 
 
 def measure(impl: str, tokens: int, threads: int) -> dict[str, Any]:
@@ -71,22 +77,36 @@ def measure(impl: str, tokens: int, threads: int) -> dict[str, Any]:
         embeds = model.get_input_embeddings()(input_ids)
         token = int(model(inputs_embeds=embeds, use_cache=False).logits[0, -1].argmax())
 
-    if impl == "lrpfunc":
+    def gradient() -> Any:
+        leaf = embeds.detach().requires_grad_(True)
+        logit = model(inputs_embeds=leaf, use_cache=False).logits[0, -1, token]
+        (grad,) = torch.autograd.grad(logit, leaf)
+        return leaf * grad
+
+    if impl in ("lrpfunc", RECOMPUTE):
         class _Off:  # lrpfunc runs on the unpatched model: nothing to switch
             def set(self, patched: bool) -> None:
                 pass
 
-        call = lrpfunc_call(model, embeds, one_hot_at((0, -1, token)), _Off())  # type: ignore[arg-type]
+        call = lrpfunc_call(model, embeds, one_hot_at((0, -1, token)), _Off(),  # type: ignore[arg-type]
+                            recompute=impl == RECOMPUTE)
     else:
-        def call() -> Any:
-            leaf = embeds.detach().requires_grad_(True)
-            logit = model(inputs_embeds=leaf, use_cache=False).logits[0, -1, token]
-            (grad,) = torch.autograd.grad(logit, leaf)
-            return leaf * grad
+        call = gradient
     start = time.perf_counter()
     peak, retained = peak_memory(call, torch.device("cpu"))
+    seconds = time.perf_counter() - start
+    # time against the plain gradient in this process, interleaved (LXT's patches change the gradient: not for lxt)
+    ratio = None
+    if impl != "lxt" and impl != "gradient":
+        times: dict[str, list[float]] = {"call": [], "gradient": []}
+        for _ in range(3):
+            for name, run in (("call", call), ("gradient", gradient)):
+                begin = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - begin)
+        ratio = sorted(times["call"])[1] / sorted(times["gradient"])[1]
     return {"impl": impl, "tokens": tokens, "peak": peak, "retained": retained, "parameters": parameters,
-            "seconds": time.perf_counter() - start}
+            "seconds": seconds, "time_ratio": ratio}
 
 
 def run_one(impl: str, tokens: int, threads: int) -> dict[str, Any]:
@@ -100,14 +120,19 @@ def run_one(impl: str, tokens: int, threads: int) -> dict[str, Any]:
 
 def table(results: list[dict[str, Any]], impls: list[str], tokens: list[int]) -> list[str]:
     mib = 2**20
-    lines = [f"  {'tokens':>6}" + "".join(f"{impl + ' MiB':>16}" for impl in impls)
-             + (f"{'lrpfunc/lxt':>13}{'lrpfunc/grad':>14}{'lxt/grad':>10}" if set(IMPLS) <= set(impls) else "")]
+    width = {impl: max(16, len(impl) + 6) for impl in impls}
+    lines = [f"  {'tokens':>6}" + "".join(f"{impl + ' MiB':>{width[impl]}}" for impl in impls)
+             + (f"{'lrpfunc/lxt':>13}{'lrpfunc/grad':>14}{'lxt/grad':>10}" if set(IMPLS) <= set(impls) else "")
+             + (f"{'recompute/grad':>15}{'time/grad':>15}" if RECOMPUTE in impls and "gradient" in impls else "")]
     for count in tokens:
         row = {r["impl"]: r["peak"] for r in results if r["tokens"] == count}
-        line = f"  {count:>6}" + "".join(f"{row[impl] / mib:>16.0f}" for impl in impls)
+        line = f"  {count:>6}" + "".join(f"{row[impl] / mib:>{width[impl]}.0f}" for impl in impls)
         if set(IMPLS) <= set(impls):
             line += (f"{row['lrpfunc'] / row['lxt']:>13.2f}{row['lrpfunc'] / row['gradient']:>14.2f}"
                      f"{row['lxt'] / row['gradient']:>10.2f}")
+        if RECOMPUTE in impls and "gradient" in impls:
+            ratio = next(r["time_ratio"] for r in results if r["tokens"] == count and r["impl"] == RECOMPUTE)
+            line += f"{row[RECOMPUTE] / row['gradient']:>15.2f}{ratio:>15.2f}"
         lines.append(line)
     return lines
 
@@ -115,7 +140,7 @@ def table(results: list[dict[str, Any]], impls: list[str], tokens: list[int]) ->
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", nargs="+", type=int, default=[1024, 2048])
-    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    p.add_argument("--impls", nargs="+", default=[*IMPLS, RECOMPUTE], choices=[*IMPLS, RECOMPUTE])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=None, help="also write the report to this file")
     p.add_argument("--worker", nargs=2, metavar=("IMPL", "TOKENS"), help=argparse.SUPPRESS)
@@ -140,9 +165,11 @@ def main(argv: list[str] | None = None) -> int:
         for impl in args.impls:
             result = run_one(impl, count, args.threads)
             results.append(result)
+            timing = (f", {result['time_ratio']:.2f}x the plain gradient's time"
+                      if result.get("time_ratio") is not None else "")
             print(f"  {impl} at {count} tokens: {result['peak'] / 2**20:.0f} MiB peak, "
                   f"{result['retained'] / 2**20:.0f} MiB retained ({result['parameters'] / 1e6:.0f}M parameters, "
-                  f"{result['seconds']:.0f} s)", flush=True)
+                  f"{result['seconds']:.0f} s{timing})", flush=True)
     lines += ["", *table(results, args.impls, args.tokens)]
     print("\n".join(lines[-(len(args.tokens) + 1):]))
     if args.out is not None:

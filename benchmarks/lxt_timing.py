@@ -120,15 +120,19 @@ def relevance_call(model: nn.Module, inputs_embeds: Tensor, pick: Callable[[Tens
 
 
 def lrpfunc_call(model: nn.Module, inputs_embeds: Tensor, seed_at: Callable[[Tensor], Tensor],
-                 switch: PatchSwitch) -> Callable[[], Tensor]:
+                 switch: PatchSwitch, *, recompute: bool = False) -> Callable[[], Tensor]:
     """The same explanation with ``lrpfunc.composites.attnlrp()`` on the unpatched model (LXT's patches off):
-    ``lrpfunc.attribute`` built once, called with the parameters (not requiring grad) and a one-hot seed."""
+    ``lrpfunc.attribute`` built once, called with the parameters (not requiring grad) and a one-hot seed.
+    ``recompute``: the memory mode, the model's layers recomputed in the sweep (``lrpfunc.hf.recompute_layers``)."""
     import lrpfunc
     import lrpfunc.hf
 
     wrapper = lrpfunc.hf.FromEmbeddings(model)
     params = dict(wrapper.named_parameters())
-    fn = lrpfunc.attribute(wrapper, lrpfunc.composites.attnlrp())
+    composite = lrpfunc.composites.attnlrp()
+    if recompute:
+        composite = lrpfunc.hf.recompute_layers(model, composite)
+    fn = lrpfunc.attribute(wrapper, composite)
     with torch.no_grad():
         seed = seed_at(wrapper(inputs_embeds))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -71,6 +71,29 @@ class Call:
     input_sources: tuple[type | None, ...] = ()
     _transpose: Callable[[Tensor, Mapping[str, Tensor]], Tensor] | None = field(default=None, repr=False)
     nonnegative_inputs: tuple[bool, ...] = ()
+    _arguments: Any = field(default=None, repr=False)
+
+    def module_arguments(self, inputs: Sequence[Tensor]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """For a rule that runs the module again (its trait ``recomputes``): the call's ``(args, kwargs)`` with
+        ``inputs`` in place of :attr:`inputs` (the other arguments as recorded, at the caller's level).
+
+        Raises:
+            RuleError: The rule does not declare ``recomputes = True`` (the arguments were not kept).
+        """
+        return self._kept("module_arguments").fill(inputs)
+
+    def module_outputs(self, output: Any) -> tuple[Tensor, ...]:
+        """For a rule that runs the module again: the tensors of ``output`` (what the module returned) that are the
+        call's :attr:`outputs`, in their order."""
+        return self._kept("module_outputs").select(output)
+
+    def _kept(self, what: str) -> Any:
+        if self._arguments is None:
+            raise RuleError(
+                f"call.{what} on {self.describe()}: the call's arguments were kept only for a module call whose rule "
+                f"declares recomputes = True"
+            )
+        return self._arguments
 
     @property
     def linear(self) -> bool:

@@ -23,6 +23,7 @@ class ModelInfo:
     """
 
     def __init__(self, model: torch.nn.Module, foreign: set[int] | None = None) -> None:
+        self.model = model
         self.names: dict[int, str] = {}
         for name, module in model.named_modules(remove_duplicate=False):
             self.names.setdefault(id(module), name)
@@ -68,14 +69,23 @@ class ModelInfo:
         return found
 
     def check_module(self, module: torch.nn.Module) -> None:
-        """Raise :class:`Stale` for a module the model did not list when this was read."""
-        if id(module) not in self.names and id(module) not in self.foreign:
-            raise Stale(id(module))
+        """Raise :class:`Stale` for a module that the model did not list when this was read but holds now; one that is
+        not part of the model (a module the library around it calls, such as a kernel wrapper of a function) is
+        remembered as foreign, and the trace goes on."""
+        key = id(module)
+        if key not in self.names and key not in self.foreign:
+            if any(found is module for found in self.model.modules()):
+                raise Stale(key)
+            self.foreign.add(key)
 
     def check_tensor(self, tensor: Tensor) -> None:
-        """Raise :class:`Stale` for a parameter the model did not list when this was read."""
-        if type(tensor) is torch.nn.Parameter and id(tensor) not in self.ids and id(tensor) not in self.foreign:
-            raise Stale(id(tensor))
+        """Raise :class:`Stale` for a parameter that the model did not list when this was read but holds now (one that
+        is not the model's is remembered as foreign)."""
+        key = id(tensor)
+        if type(tensor) is torch.nn.Parameter and key not in self.ids and key not in self.foreign:
+            if any(found is tensor for found in self.model.parameters()):
+                raise Stale(key)
+            self.foreign.add(key)
 
 
 class Stale(Exception):

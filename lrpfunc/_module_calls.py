@@ -6,13 +6,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import optree
 import torch
 
+from ._call import RuleError
 from ._composite import CallSite
 from ._functionalize import is_float
 from ._interception import MODULE_CALL
 from ._merge import MERGEABLE_MODULES, NOT_MERGED, TRANSPOSABLE, is_batchnorm, note_mergeable, try_merge
-from ._record import Observation, RuledCall, flatten_call, tensor_leaves
+from ._record import Arguments, InputSlot, Observation, RuledCall, flatten_call, tensor_leaves
 from ._ruled import finish_ruled, run_ruled
 from ._traits import traits_of
 
@@ -58,6 +60,8 @@ def record_module_call(tracer: Tracer, module: torch.nn.Module, args: tuple[Any,
     rule = tracer.offer(site)
     traits = traits_of(rule)
     transparent = rule is not None and tracer.transparent and traits.transparent
+    arguments: tuple[list[Any], Any] | None = None
+    argument_vids: list[int | None] = []
     tracer.stack.append(name)
     try:
         if transparent:  # its rule is its pullback in gradient form: everything inside goes on the tape
@@ -83,16 +87,54 @@ def record_module_call(tracer: Tracer, module: torch.nn.Module, args: tuple[Any,
                 if vid is not None:
                     ruled.param_vids[local] = vid
                     tracer.lower(vid)
+            if traits.recomputes:  # the vids as the call sees them, before it runs
+                arguments = flatten_call(args, kwargs)
+                argument_vids = [tracer.vid(leaf) if isinstance(leaf, Tensor) else None for leaf in arguments[0]]
             output = run_ruled(tracer, ruled, lambda: MODULE_CALL(module, *args, **kwargs))
     finally:
         tracer.stack.pop()
     if ruled is not None:
         output = finish_ruled(tracer, ruled, output)
+        if arguments is not None:
+            ruled.arguments = kept_arguments(tracer, ruled, arguments, argument_vids, output)
     if tracer.merge_batchnorm and isinstance(module, MERGEABLE_MODULES):
         note_mergeable(tracer, ruled, module, output, name, transparent)
     if observed is not None:
         add_observation(tracer, observed, output)
     return output
+
+
+def kept_arguments(tracer: Tracer, ruled: RuledCall, arguments: tuple[list[Any], Any],
+                   argument_vids: list[int | None], output: Any) -> Arguments:
+    """The arguments of a module call whose rule recomputes it: each input of the call as its slot, every other tensor
+    at the caller's level; and where the call's outputs are among what the module returned.
+
+    Raises:
+        RuleError: An input of the call is not among its arguments (the module read it from elsewhere), or an output is
+            not among what it returned.
+    """
+    leaves, spec = arguments
+    kept: list[Any] = []
+    slotted: set[int] = set()
+    for leaf, vid in zip(leaves, argument_vids):
+        if vid is not None and vid in ruled.index_of:
+            kept.append(InputSlot(ruled.index_of[vid]))
+            slotted.add(vid)
+        elif isinstance(leaf, Tensor):
+            kept.append(tracer.lower(vid) if vid is not None else tracer.tape.lower(tracer.resolve(leaf)))
+        else:
+            kept.append(leaf)
+    missing = [index for index, vid in enumerate(ruled.inputs) if vid not in slotted]
+    if missing:
+        raise RuleError(
+            f"rule {ruled.rule!r} recomputes {ruled.site.describe()} from its arguments, but the call read "
+            f"activation input(s) {missing} from elsewhere (an attribute or a closure); pass them as arguments, or "
+            f"give this call another rule"
+        )
+    returned = [tracer.vid(leaf) if isinstance(leaf, Tensor) else None
+                for leaf in optree.tree_leaves(output, none_is_leaf=True)]
+    positions = tuple(returned.index(vid) for vid in ruled.outputs)
+    return Arguments(tuple(kept), spec, positions)
 
 
 def reads_activation(tracer: Tracer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:

@@ -96,8 +96,9 @@ def record_inside(tracer: Tracer, call: RuledCall, func: Callable[..., Any], fn:
             continue
         inputs.append(vid)
         if owner_of.get(vid) is call:
-            if quiet:
-                leaves[position] = tracer.lower(vid)
+            if quiet:  # a call that records nothing keeps nothing of its own values (no cached lowered tensor)
+                leaves[position] = (tracer.lower(vid) if call.traits.records
+                                    else tracer.tape.lower(tracer.value(vid)))
             continue
         if vid in tracer.merged_interior:
             raise Retry("merge", tracer.merged_interior[vid])
@@ -114,15 +115,17 @@ def record_inside(tracer: Tracer, call: RuledCall, func: Callable[..., Any], fn:
         pullback = None
     refs, outputs = register_outputs(tracer, result, activation=True)
     note_nonnegative(tracer, func, op_class, leaves, spec, vids, outputs)
+    if not call.traits.records:  # nothing replays the call's operations: what the model drops may go
+        source = tracer.source.get(inputs[0]) if op_class is _ops.DataMovement and inputs else op_class
+        for vid in outputs:
+            owner_of[vid] = call
+            tracer.source[vid] = source
+        tracer.hold_weakly(outputs)  # (the call's outputs become cuts, held again, in finish_ruled)
+        return result
     tensors, low = tracer.tensors, tracer.low
     for vid in outputs:
         owner_of[vid] = call
         low[vid] = tensors[vid] if quiet or per_op else tracer.tape.lower(tensors[vid])
-    if not call.traits.records:
-        source = tracer.source.get(inputs[0]) if op_class is _ops.DataMovement and inputs else op_class
-        for vid in outputs:
-            tracer.source[vid] = source
-        return result
     node = Node(fn, func, template, spec, tuple(inputs), refs, tuple(outputs), op_class)
     if call.transposed and not call.nodes:
         node.transpose = _ops.transpose_of(func, *unflatten_call(spec, leaves))

@@ -115,6 +115,39 @@ class Node:
                 env[ref.vid] = leaf
 
 
+@dataclass(frozen=True, slots=True)
+class InputSlot:
+    """Where input ``index`` of a ruled call stands among the arguments of its module call (:class:`Arguments`)."""
+
+    index: int
+
+
+@dataclass(frozen=True, slots=True)
+class Arguments:
+    """A module call's arguments, kept for a rule that runs the module again (:attr:`RuledCall.arguments`).
+
+    Attributes:
+        leaves: The flattened ``(args, kwargs)`` at the caller's level, each activation input as an :class:`InputSlot`.
+        spec: Their tree structure (:func:`flatten_call`).
+        outputs: For each output of the call, the position of its tensor among the flattened leaves of what the module
+            returns.
+    """
+
+    leaves: tuple[Any, ...]
+    spec: Any
+    outputs: tuple[int, ...]
+
+    def fill(self, inputs: Sequence[Tensor]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """``(args, kwargs)`` with ``inputs`` in place of the call's inputs."""
+        leaves = [inputs[leaf.index] if type(leaf) is InputSlot else leaf for leaf in self.leaves]
+        return unflatten_call(self.spec, leaves)
+
+    def select(self, output: Any) -> tuple[Tensor, ...]:
+        """The call's outputs from ``output``, what the module returned."""
+        leaves = optree.tree_leaves(output, none_is_leaf=True)
+        return tuple(leaves[position] for position in self.outputs)
+
+
 class RuledCall:
     """A call (module call or single operation) whose cotangents a rule computes.
 
@@ -136,12 +169,13 @@ class RuledCall:
         merged_from: The BatchNorm folded into this call.
         transposed: The call is one linear operation whose pullback is its closed-form transpose
             (:func:`lrpfunc.ops.transpose_of`): it runs quietly even though its rule uses the pullback.
+        arguments: The module call's arguments, for a rule that recomputes it.
     """
 
     __slots__ = (
         "site", "rule", "traits", "needs_pullback", "module", "inputs", "lifted", "index_of", "outputs", "nodes",
         "param_vids", "params", "forward", "input_sources", "op_class", "pullbacks", "merged_from", "transposed",
-        "channel_scale", "closed_pullback",
+        "channel_scale", "closed_pullback", "arguments",
     )
 
     def __init__(self, site: CallSite, rule: Any, traits: RuleTraits, module: torch.nn.Module | None, *,
@@ -167,6 +201,9 @@ class RuledCall:
         self.channel_scale: Callable[[], Tensor] | None = None
         #: A closed-form pullback of the call's one operation w.r.t. its two inputs (a sum of activations).
         self.closed_pullback: Callable[..., tuple[Tensor, Tensor]] | None = None
+        #: For a rule that recomputes the module: its arguments with the inputs as :class:`InputSlot` and how to pick
+        #: the outputs from what the module returns (:class:`Arguments`).
+        self.arguments: Arguments | None = None
 
     @property
     def quiet(self) -> bool:

@@ -65,6 +65,9 @@ def finish_ruled(tracer: Tracer, ruled: RuledCall, output: Any) -> Any:
     for vid in ruled.outputs:
         tracer.cut.add(vid)
         tracer.pending_cut.add(vid)
+        if vid not in tracer.low:  # made inside a call that records nothing: held weakly until now
+            value = tracer.hold(vid)
+            tracer.low[vid] = value if ruled.quiet or tracer.per_op else tracer.tape.lower(value)
     if ruled.transposed and not _merge.one_linear_operation(ruled):
         raise Retry("transpose", (id(ruled.module), ruled.site.call_index))
     if ruled.nodes and ruled.op_class is None:

@@ -491,6 +491,7 @@ def make_call(trace: Trace, step: RuledCall, wants_param_relevance: bool) -> Cal
         tuple(step.input_sources),
         _transpose_of(trace, step) if step.transposed else None,
         tuple([vid in trace.nonnegative for vid in step.inputs]),
+        step.arguments,
     )
 
 

@@ -24,6 +24,9 @@ attribute           default                    meaning
                                                rule's ``modified_gradient(call, grad_outputs)``
 ``decompose``       ``None``                   ``decompose(func, args, kwargs)``: the operation is not a call of
                                                its own but runs as the operations it returns (fused attention)
+``recomputes``      ``False``                  the rule runs the module again itself (from
+                                               ``call.module_arguments``): the call keeps its arguments, and
+                                               nothing computed inside it is held for the sweep
 ==================  =========================  ==============================================================
 """
 
@@ -66,6 +69,7 @@ class RuleTraits:
     passes_through: bool = False
     gradient_form: str | None = None
     decompose: Callable[..., Any] | None = None
+    recomputes: bool = False
 
     @property
     def transparent(self) -> bool:
@@ -127,4 +131,5 @@ def _read(rule: Any) -> RuleTraits:
         passes_through=bool(getattr(rule, "passes_through", False)),
         gradient_form=form,
         decompose=decompose,
+        recomputes=bool(getattr(rule, "recomputes", False)),
     )

@@ -46,6 +46,7 @@ __all__ = [
     "beta_smooth",
     "attnlrp",
     "cp_lrp",
+    "recompute_layers",
 ]
 
 ZeroParams = str | Sequence[str] | None
@@ -347,6 +348,24 @@ def mixed(composites: Sequence[Composite]) -> Mixed:
         if not isinstance(composite, Composite):
             raise TypeError(f"mixed: expected composites, got {type(composite).__name__}")
     return Mixed(composites)
+
+
+def recompute_layers(composite: Composite, *layers: Matcher) -> Mixed:
+    """``composite``, with each call of a module of the types ``layers`` attributed by running it again when the sweep
+    reaches it (:func:`lrpfunc.rules.recompute`): the forward pass holds those calls' inputs and outputs only, and the
+    sweep one call's record at a time. For repeated blocks (a transformer's layers) the peak memory falls to about one
+    block's, for about one more forward pass of each block; the relevance is that of ``composite`` where its rules
+    inside a block depend on classes and operations only (``attnlrp()``, ``cp_lrp()``, the LRP composites without
+    name or first-layer maps inside the blocks).
+
+    Example: ``recompute_layers(attnlrp(), LlamaDecoderLayer)``; :func:`lrpfunc.hf.recompute_layers` finds a
+    HuggingFace model's layer types.
+    """
+    if not isinstance(composite, Composite):
+        raise TypeError(f"recompute_layers: expected a composite, got {type(composite).__name__}")
+    if not layers:
+        raise TypeError("recompute_layers: give at least one module type whose calls are recomputed")
+    return mixed([layer_map([(tuple(layers), _rules.recompute(composite))]), composite])
 
 
 def layer_map_base(stabilizer: StabilizerLike = 1e-6, *,

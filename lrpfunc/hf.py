@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import composites as _composites
 from ._attribute import attribute, attribute_with_params
 from ._composite import Composite
 from ._functionalize import evaluate
@@ -25,7 +26,8 @@ from .canonizers import Canonizer
 
 Tensor = torch.Tensor
 
-__all__ = ["TokenAttribution", "GenerationAttribution", "attribute_tokens", "attribute_generation", "FromEmbeddings"]
+__all__ = ["TokenAttribution", "GenerationAttribution", "attribute_tokens", "attribute_generation", "FromEmbeddings",
+           "recompute_layers"]
 
 
 @dataclass(frozen=True)
@@ -412,3 +414,29 @@ def _greedy(
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
     return sequences, mask
 
+
+def recompute_layers(model: nn.Module, composite: Composite) -> Composite:
+    """``composite`` with the model's transformer layers recomputed during the sweep: the memory mode for long contexts.
+
+    The layer types are those HuggingFace keeps whole when it splits a model across devices
+    (``model._no_split_modules``: ``LlamaDecoderLayer``, ``GPT2Block``, ...). Each layer's call holds only its inputs
+    and outputs in the forward pass and is attributed by running it again when the sweep reaches it
+    (:func:`lrpfunc.composites.recompute_layers`): the peak memory falls to about one layer's attribution plus the
+    hidden states and logits, for about one more forward pass of the layers. The relevance equals ``composite``'s for
+    composites by class and operation (``attnlrp()``, ``cp_lrp()``).
+
+    Raises:
+        ValueError: The model names no layer type, or none of its modules has one of the named types.
+    """
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    if not names:
+        raise ValueError(
+            f"recompute_layers: {type(model).__name__} names no layer types (_no_split_modules); use "
+            f"lrpfunc.composites.recompute_layers(composite, LayerType) with its block's class"
+        )
+    types = tuple(dict.fromkeys(type(module) for module in model.modules() if type(module).__name__ in names))
+    if not types:
+        raise ValueError(
+            f"recompute_layers: none of the modules of {type(model).__name__} is of its layer types {sorted(names)}"
+        )
+    return _composites.recompute_layers(composite, *types)

@@ -18,6 +18,7 @@ import torch
 
 from ._basic import BasicRule, ParamMod, basic, identity, keep_param, negative_part, positive_part
 from ._call import Call, RuleError
+from ._recompute import recompute
 from ._stabilize import StabilizerLike, divider, ensure_stabilizer, is_zero
 
 Tensor = torch.Tensor
@@ -47,6 +48,7 @@ __all__ = [
     "normalization",
     "attention",
     "identity",
+    "recompute",
 ]
 
 ZeroParams = str | Sequence[str] | None

@@ -660,3 +660,41 @@ def test_in_place_operation_on_a_tensor_made_inside_the_forward() -> None:
 
     torch.manual_seed(7)
     _assert_equals_plain(Offset().to(D), torch.randn(2, 4, dtype=D))
+
+
+def test_a_module_outside_the_model_is_foreign_without_tracing_again(monkeypatch) -> None:
+    """A module the forward calls that is not the model's (HF's kernel wrappers of functions are global modules) is
+    remembered as foreign on first sight; the pass goes on instead of running again. A module the model gained since
+    the attribution function was built still makes the pass read the model anew."""
+    import lrpfunc._attribute as attribute_module
+
+    outside = nn.Linear(4, 4).double()
+
+    class UsesOutside(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return outside(self.inner(x))
+
+    traces: list[int] = []
+    run_trace = attribute_module.run_trace
+
+    def counted(*args, **kwargs):
+        traces.append(1)
+        return run_trace(*args, **kwargs)
+
+    monkeypatch.setattr(attribute_module, "run_trace", counted)
+    model = UsesOutside().double()
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    x, g = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    fn = lrpfunc.attribute(model, composites.epsilon())
+    _, relevance = fn(params, x, g)
+    assert len(traces) == 1
+    model.inner = nn.Linear(4, 4).double()  # the model changed (the same parameter names): read anew
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    traces.clear()
+    _, changed = fn(params, x, g)
+    assert len(traces) == 2
+    torch.testing.assert_close(changed, lrpfunc.attribute(model, composites.epsilon())(params, x, g)[1])
