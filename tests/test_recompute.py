@@ -114,7 +114,7 @@ def test_the_forward_pass_holds_nothing_inside_a_recomputed_block(monkeypatch) -
 
 
 def test_recompute_refuses_an_operation_and_an_input_read_from_elsewhere() -> None:
-    model, params, x, g = _setup()
+    _, _, x, g = _setup()
     on_add = composites.mixed([composites.layer_map([(torch.add, rules.recompute(composites.epsilon()))]),
                                composites.epsilon()])
 
@@ -196,3 +196,4 @@ def test_recompute_layers_of_a_model_without_layer_types() -> None:
 
     with pytest.raises(ValueError, match=r"recompute_layers: Stack names no layer types \(_no_split_modules\)"):
         lrpfunc.hf.recompute_layers(Stack(), composites.attnlrp())
+
