@@ -90,9 +90,10 @@ def record_inside(tracer: Tracer, call: RuledCall, func: Callable[..., Any], fn:
                     leaves[position] = lowered
             continue
         template[position] = Ref(vid)
-        if position not in act:
+        if position not in act:  # a constant the record knows (an index computed from activations): replays read it
+            known = tracer.lower(vid) if call.traits.records else None
             if quiet:
-                leaves[position] = tracer.lower(vid)
+                leaves[position] = known if known is not None else tracer.tape.lower(tracer.value(vid))
             continue
         inputs.append(vid)
         if owner_of.get(vid) is call:
@@ -116,7 +117,7 @@ def record_inside(tracer: Tracer, call: RuledCall, func: Callable[..., Any], fn:
     refs, outputs = register_outputs(tracer, result, activation=True)
     note_nonnegative(tracer, func, op_class, leaves, spec, vids, outputs)
     if not call.traits.records:  # nothing replays the call's operations: what the model drops may go
-        source = tracer.source.get(inputs[0]) if op_class is _ops.DataMovement and inputs else op_class
+        source = tracer.source.get(inputs[0]) if issubclass(op_class, _ops.KEEPS_SOURCE) and inputs else op_class
         for vid in outputs:
             owner_of[vid] = call
             tracer.source[vid] = source
@@ -266,9 +267,9 @@ def record_outside(tracer: Tracer, func: Callable[..., Any], fn: Callable[..., A
             operands = unflatten_call(spec, leaves)
             params = _ops.classify(func, *operands, tracer.is_activation).params
             note_mergeable(tracer, None, OperationLayer(params), result, site.name if site else op_name(func),
-                                transparent)
+                           transparent)
         source = op_class
-        if source is _ops.DataMovement or source is None:
+        if source is None or issubclass(source, _ops.KEEPS_SOURCE):
             source = tracer.source.get(vids[act[0]])  # type: ignore[arg-type]
         for vid in outputs:
             tracer.source[vid] = source

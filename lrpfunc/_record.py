@@ -324,7 +324,8 @@ class Trace:
 
 
 def source_class(node: Node, sources: Mapping[int, type | None]) -> type | None:
-    """The class of the operation that produced a value, looking through data movement."""
-    if node.op_class is _ops.DataMovement and node.inputs:
+    """The class of the operation that produced a value, looking through data movement, selection and quotients
+    (:data:`lrpfunc.ops.KEEPS_SOURCE`)."""
+    if node.op_class is not None and issubclass(node.op_class, _ops.KEEPS_SOURCE) and node.inputs:
         return sources.get(node.inputs[0])
     return node.op_class

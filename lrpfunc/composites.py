@@ -381,6 +381,8 @@ def layer_map_base(stabilizer: StabilizerLike = 1e-6, *,
     - average pools (modules and operations) and resampling: :func:`~lrpfunc.rules.norm`;
     - BatchNorm not merged (modules and eval-mode ``batch_norm`` operations): :func:`~lrpfunc.rules.passthrough`;
     - products of activations: :func:`~lrpfunc.rules.uniform`;
+    - divisions of activations (renormalised weights, a normalisation written out): :func:`~lrpfunc.rules.quotient`,
+      the denominator held constant;
     - normalisation modules (LayerNorm, GroupNorm, RMSNorm, also hand-written ones found by duck typing) and
       operations: :func:`~lrpfunc.rules.normalization`;
     - softmax: :func:`~lrpfunc.rules.softmax`;
@@ -395,6 +397,7 @@ def layer_map_base(stabilizer: StabilizerLike = 1e-6, *,
         (_types.Normalization + (_ops.Normalization,), _rules.normalization(stabilizer, zero_params)),
         ((_ops.Elementwise,), _rules.passthrough()),
         ((_ops.Product,), _rules.uniform(stabilizer)),
+        ((_ops.Quotient,), _rules.quotient(stabilizer)),
         ((_ops.Softmax,), _rules.softmax()),
         ((_ops.Reduction, _ops.Scale, _ops.Shift), _rules.epsilon(stabilizer, zero_params)),
         ((_ops.Attention,), _rules.attention()),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -44,8 +44,12 @@ class TokenAttribution:
         logits: The model's logits, ``(B, L, V)`` for a language model, ``(B, C)`` for a classifier.
         target: ``(K, B)`` or ``(B,)``: the target logits (minus the contrast's logits where a contrast was given);
             each attribution starts from its logit's value (:func:`lrpfunc.from_logit`'s convention), so ``tokens``
-            sums to about ``target`` where the rules conserve (a negative logit flips the sign of every relevance:
-            positive relevance always means "towards this logit's value").
+            plus ``positions`` plus ``additive`` sums to about ``target`` where the rules conserve (a negative logit
+            flips the sign of every relevance: positive relevance always means "towards this logit's value").
+        additive: The relevance taken by the model's other embedding tables, by module name: token-type (segment)
+            embeddings added to the token embeddings (BERT, RoBERTa), ``(K, B, L)`` or ``(B, L)``; a table whose
+            output is not one vector per token (a relative position bias added to attention scores) per sequence,
+            ``(K, B)`` or ``(B,)``. Empty when there are none or when not asked for.
     """
 
     tokens: Tensor
@@ -53,6 +57,7 @@ class TokenAttribution:
     positions: Tensor | None
     logits: Tensor
     target: Tensor
+    additive: dict[str, Tensor] = field(default_factory=dict)
 
 
 class FromEmbeddings(nn.Module):
@@ -83,14 +88,24 @@ def _check_input_ids(where: str, input_ids: Any) -> None:
         raise ValueError(f"{where}: input_ids must be an integer tensor (B, L), got {got}")
 
 
+def _is_position_table(name: str) -> bool:
+    last = name.rsplit(".", 1)[-1]
+    return "position" in last or last == "wpe"
+
+
 def _position_modules(model: nn.Module) -> list[str]:
     """Names of the learned position embeddings (``nn.Embedding`` named ``*position*`` or ``wpe``)."""
-    return [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Embedding)
-        and ("position" in name.rsplit(".", 1)[-1] or name.rsplit(".", 1)[-1] == "wpe")
-    ]
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Embedding)
+            and _is_position_table(name)]
+
+
+def _additive_modules(model: nn.Module, embedding: nn.Module) -> list[str]:
+    """Names of the other embedding tables (token types, relative position biases): neither the input embedding nor a
+    learned position table, nor one that shares its weight with the input embedding."""
+    tied = getattr(embedding, "weight", None)
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Embedding)
+            and module is not embedding and getattr(module, "weight", None) is not tied
+            and not _is_position_table(name)]
 
 
 def _check_model(model: Any) -> nn.Module:
@@ -156,6 +171,7 @@ def attribute_tokens(
     embedding_weight = embedding_names.get(id(getattr(embedding, "weight", None)))
     embedding_info = ModelInfo(embedding)
     position_names = [f"model.{name}" for name in _position_modules(model)] if positions else []
+    additive_names = [f"model.{name}" for name in _additive_modules(model, embedding)] if positions else []
     with_params = attribute_with_params(wrapper, composite, canonizers)
     plain = attribute(wrapper, composite, canonizers)
 
@@ -187,12 +203,12 @@ def attribute_tokens(
             logits = evaluate(wrapper, wrapped, x)
         several = targets is not None or (isinstance(position, Tensor) and position.ndim == 1)
         seeds = _seeds(logits, targets if several else target, position, several, contrast)
-        use_params = bool(position_names)
+        use_params = bool(position_names or additive_names)
 
-        def attribute_rows(rows: slice) -> tuple[Tensor, Tensor, Tensor]:
+        def attribute_rows(rows: slice) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
             part = tuple(t[rows] for t in x)
 
-            def one(seed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            def one(seed: Tensor) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
                 def by_value(output: Tensor) -> Tensor:  # the logits' values at the seed (from_logit's convention)
                     return seed * output
 
@@ -207,7 +223,9 @@ def attribute_tokens(
                 for name in position_names:
                     if name in by_param:
                         taken = taken + by_param[name].sum(-1)
-                return embedded, taken, value
+                tables = {name.removeprefix("model."): _per_token(by_param[name], taken) if name in by_param
+                          else torch.zeros_like(taken) for name in additive_names}
+                return embedded, taken, value, tables
 
             return torch.func.vmap(one, chunk_size=chunk_size)(seeds[:, rows]) if several else one(seeds[0, rows])
 
@@ -216,18 +234,32 @@ def attribute_tokens(
             # a learned position embedding is one tensor (1, L, H) that the batch shares, so its relevance is summed
             # over the sequences: it is each sequence's own only when the sequences are attributed one at a time
             parts = [attribute_rows(slice(row, row + 1)) for row in range(batch)]
-            embedded, taken, value = (torch.cat(pieces, dim=1 if several else 0) for pieces in zip(*parts))
+            dim = 1 if several else 0
+            embedded, taken, value = (torch.cat(pieces, dim=dim) for pieces in list(zip(*parts))[:3])
+            tables = {name: torch.cat([part[3][name] for part in parts], dim=dim) for name in parts[0][3]}
         else:
-            embedded, taken, value = attribute_rows(slice(None))
+            embedded, taken, value, tables = attribute_rows(slice(None))
         return TokenAttribution(
             tokens=embedded.sum(-1),
             embeddings=embedded,
             positions=taken if position_names else None,
             logits=logits,
             target=value,
+            additive=tables,
         )
 
     return explain
+
+
+def _per_token(relevance: Tensor, like: Tensor) -> Tensor:
+    """The relevance of a table's output per token, ``like``'s shape ``(B, L)``, for an output of shape ``(B, L, H)``
+    (or ``(1, L, H)``, shared by the batch); per sequence, ``(B,)``, for any other shape (a relative position bias
+    ``(1, heads, L, L)`` adds to attention scores, not to a token)."""
+    if relevance.ndim == like.ndim + 1 and relevance.shape[-2] == like.shape[-1]:
+        return relevance.sum(-1) + torch.zeros_like(like)
+    if relevance.ndim > 0 and relevance.shape[0] == like.shape[0] and like.shape[0] > 1:
+        return relevance.flatten(1).sum(1)
+    return relevance.sum() + torch.zeros_like(like[..., 0])
 
 
 def _chosen(label: str, ids: int | Tensor, batch: int, several: bool, device: torch.device) -> Tensor:

@@ -12,7 +12,8 @@ The classes and the LRP treatment the named composites give them (Achtibat et al
 class               operations                                                   rule in the LRP composites
 ==================  ===========================================================  ==============================
 :class:`Dense`      ``F.linear``, ``addmm``, ``matmul``/``mm``/``bmm``/``einsum``  ``epsilon``
-                    with one activation operand (HF ``Conv1D`` included)
+                    with one activation operand (HF ``Conv1D`` included),
+                    ``grouped_mm`` (experts run at once)
 :class:`Convolution` ``conv1d/2d/3d``, ``conv_transpose1d/2d/3d``                 the composite's conv rule
 :class:`AvgPool`    average pooling, adaptive included                           ``norm``
 :class:`Resample`   ``interpolate`` (linear modes)                               ``norm``
@@ -23,6 +24,8 @@ class               operations                                                  
 :class:`Sum`        sum of activations (``a + b``, ``out += identity``,          ``norm`` (the sum rule)
                     ``index_add``/``scatter_add``/``index_put(accumulate)``)
 :class:`Product`    product of activations (``a * b``, ``a @ b``, gates)         ``uniform``
+:class:`Quotient`   division of activations ``a / b`` (renormalised routing       ``quotient`` (AttnLRP, CP-LRP)
+                    weights ``w / w.sum()``)
 :class:`Elementwise` element-wise nonlinearities (ReLU, GELU, SiLU, tanh, ...)   ``passthrough`` (identity)
 :class:`Normalization` ``layer_norm``, ``group_norm``, ``rms_norm``, training     ``normalization``
                     ``batch_norm``, ``instance_norm``, ``normalize``
@@ -63,6 +66,7 @@ __all__ = [
     "BatchNorm",
     "Sum",
     "Product",
+    "Quotient",
     "Elementwise",
     "Normalization",
     "Softmax",
@@ -126,6 +130,11 @@ class Product(Operation):
     """A product of two or more activations: element-wise ``a * b``, ``a @ b``, ``bmm``, ``einsum``, gates."""
 
 
+class Quotient(Operation):
+    """A division of two activations ``a / b``: weights renormalised by their own sum (the routing weights of a mixture
+    of experts), a softmax written out. Its output keeps the numerator's origin (a renormalised softmax is a gate)."""
+
+
 class Elementwise(Operation):
     """An element-wise nonlinearity of one activation (ReLU, GELU, SiLU, sigmoid, tanh, exp, ...)."""
 
@@ -152,6 +161,11 @@ class Attention(Operation):
 
 class Other(Operation):
     """An operation on activations that the table does not know; it keeps its true gradient by default."""
+
+
+#: Classes whose output keeps the origin of its first activation operand (:attr:`lrpfunc.Call.input_sources`): data
+#: movement, selection (the top-k of a softmax is still softmax weights) and a quotient (renormalised weights).
+KEEPS_SOURCE: tuple[type, ...] = (DataMovement, Selection, Quotient)
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,8 +260,10 @@ def _mul(args: Sequence[Any], kwargs: Mapping[str, Any], is_activation: IsActiva
 
 def _div(args: Sequence[Any], kwargs: Mapping[str, Any], is_activation: IsActivation) -> OpInfo:
     denominator = _arg(args, kwargs, 1, "other")
-    if kwargs.get("rounding_mode") is not None or is_activation(denominator):
+    if kwargs.get("rounding_mode") is not None:
         return OpInfo(Other, _NO_PARAMS)
+    if is_activation(denominator):
+        return OpInfo(Quotient if is_activation(_arg(args, kwargs, 0, "input")) else Other, _NO_PARAMS)
     return OpInfo(Scale, {"divisor": denominator} if isinstance(denominator, Tensor) else _NO_PARAMS)
 
 
@@ -269,6 +285,16 @@ def _addmm(args: Sequence[Any], kwargs: Mapping[str, Any], is_activation: IsActi
         return OpInfo(Product, _NO_PARAMS)
     weight = second if is_activation(first) else first
     return OpInfo(Dense, _tensors({"weight": weight, "bias": bias}, is_activation))
+
+
+def _grouped_mm(args: Sequence[Any], kwargs: Mapping[str, Any], is_activation: IsActivation) -> OpInfo:
+    """``grouped_mm(mat_a, mat_b, offs=..., bias=...)``: each group of rows of ``mat_a`` times its own matrix of
+    ``mat_b`` (how a mixture of experts runs all experts at once): dense in the activation operand."""
+    first, second = _arg(args, kwargs, 0, "mat_a"), _arg(args, kwargs, 1, "mat_b")
+    if is_activation(first) and is_activation(second):
+        return OpInfo(Product, _NO_PARAMS)
+    weight = second if is_activation(first) else first
+    return OpInfo(Dense, _tensors({"weight": weight, "bias": _arg(args, kwargs, 3, "bias")}, is_activation))
 
 
 def _einsum(args: Sequence[Any], kwargs: Mapping[str, Any], is_activation: IsActivation) -> OpInfo:
@@ -397,6 +423,8 @@ def _register_builtins() -> None:
         register(func, _matmul)
     register(Tensor.__rmatmul__, lambda args, kwargs, act: _matmul((args[1], args[0]), {}, act))
     register(torch.einsum, _einsum)
+    for func in _all("grouped_mm _grouped_mm"):
+        register(func, _grouped_mm)
     for func in _all("conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d"):
         register(func, Convolution, params=[(1, "weight"), (2, "bias")])
     for func in _all("avg_pool1d avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d"):

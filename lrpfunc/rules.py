@@ -44,6 +44,7 @@ __all__ = [
     "relu_beta_smooth",
     "uniform",
     "gated",
+    "quotient",
     "softmax",
     "normalization",
     "attention",
@@ -598,12 +599,61 @@ def gated(stabilizer: StabilizerLike = 1e-6) -> _Gated:
         a squeeze-excitation scale), looking through data movement, is a gate: it is held constant and receives no
         relevance; the other ``m`` operands share it, ``R_k = x_k * (d z / d x_k)^T (R / (m * s(z)))``. For
         ``z = A @ V`` with attention weights ``A``: ``R_V = V * (A^T (R / s(z)))``, ``R_A = 0``. If every operand
-        or none is a gate, this is :func:`uniform`.
+        or none is a gate, this is :func:`uniform`. The top-k of a softmax and its renormalisation (a mixture of
+        experts' routing weights) are gates too.
 
     References:
         Ali et al. (2022), XAI for Transformers: Better Explanations through Conservative Propagation, ICML.
     """
     return _Gated(stabilizer)
+
+
+@dataclass(frozen=True)
+class _Quotient:
+    stabilizer: StabilizerLike
+    needs_pullback = True
+
+    def __repr__(self) -> str:
+        return "quotient"
+
+    @property
+    def gradient_form(self) -> str | None:
+        return "modified" if is_zero(self.stabilizer) else None
+
+    def __call__(self, call: Call, grad_outputs: tuple[Tensor, ...]) -> tuple[Tensor | None, ...]:
+        _quotient_call(call, grad_outputs)
+        (output,), (grad,) = call.outputs, grad_outputs
+        (numerator, _), (gradient, _) = call.inputs, call.pullback((divider(self.stabilizer)(grad, output),))
+        return numerator * gradient, None
+
+    def modified_gradient(self, call: Call, grad_outputs: tuple[Tensor, ...]) -> tuple[Tensor | None, ...]:
+        """Without stabilizer: ``g_a = J_a^T g`` for the numerator, nothing for the denominator."""
+        _quotient_call(call, grad_outputs)
+        return call.pullback(grad_outputs)[0], None
+
+
+def _quotient_call(call: Call, grad_outputs: tuple[Tensor, ...]) -> None:
+    if len(call.inputs) != 2 or len(grad_outputs) != 1:
+        raise RuleError(
+            f"rule quotient handles a division of two activations with one output; {call.describe()} has "
+            f"{len(call.inputs)} input(s) and {len(grad_outputs)} output(s)"
+        )
+
+
+def quotient(stabilizer: StabilizerLike = 1e-6) -> _Quotient:
+    """A division of activations ``z = a / b`` with the denominator held constant: all relevance to the numerator.
+
+    Definition:
+        Epsilon on ``z`` as a function of ``a`` alone: ``R_a = a * (d z / d a)^T (R / s(z))``, which is ``R`` where
+        ``s(z) = z``; ``R_b = 0``. The denominator is treated as a statistic of the numerator, as
+        :func:`normalization` holds a norm's divisor: weights renormalised by their sum (``w / w.sum()``, the routing
+        weights of a mixture of experts) pass their relevance on unchanged.
+
+    References:
+        Achtibat et al. (2024), AttnLRP: Attention-Aware Layer-Wise Relevance Propagation for Transformers, ICML
+        (normalisations with their statistics held).
+    """
+    return _Quotient(stabilizer)
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,8 @@ def test_parameter_operands_are_the_calls_parameters() -> None:
     assert ops.classify(torch.matmul, (x, x.T), {}, lambda t: True).op_class is ops.Product
     assert ops.classify(torch.add, (x, 1.0), {}, lambda t: t is x).op_class is ops.Shift
     assert ops.classify(torch.sub, (x, x), {}, lambda t: True).op_class is ops.Sum
-    assert ops.classify(torch.div, (x, x), {}, lambda t: True).op_class is ops.Other
+    assert ops.classify(torch.div, (x, x), {}, lambda t: True).op_class is ops.Quotient
+    assert ops.classify(torch.div, (1.0, x), {}, lambda t: t is x).op_class is ops.Other  # a reciprocal
     assert ops.classify(torch.special.bessel_j0, (x,), {}, lambda t: True).op_class is ops.Other
 
 
