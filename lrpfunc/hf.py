@@ -50,6 +50,10 @@ class TokenAttribution:
             embeddings added to the token embeddings (BERT, RoBERTa), ``(K, B, L)`` or ``(B, L)``; a table whose
             output is not one vector per token (a relative position bias added to attention scores) per sequence,
             ``(K, B)`` or ``(B,)``. Empty when there are none or when not asked for.
+        decoder_tokens, decoder_embeddings, decoder_positions: For an encoder-decoder model (T5, BART), the relevance
+            of the decoder's input tokens (``decoder_input_ids``, length ``M``: ``(K, B, M)`` or ``(B, M)``), of their
+            embeddings and of the decoder's learned position embeddings; ``tokens``, ``embeddings`` and ``positions``
+            are then the encoder's. ``None`` for other models.
     """
 
     tokens: Tensor
@@ -58,23 +62,55 @@ class TokenAttribution:
     logits: Tensor
     target: Tensor
     additive: dict[str, Tensor] = field(default_factory=dict)
+    decoder_tokens: Tensor | None = None
+    decoder_embeddings: Tensor | None = None
+    decoder_positions: Tensor | None = None
 
 
 class FromEmbeddings(nn.Module):
-    """``model(inputs_embeds=..., attention_mask=...).logits`` as a module of the embeddings (what is attributed)."""
+    """``model(inputs_embeds=..., attention_mask=...).logits`` as a module of the embeddings (what is attributed); for
+    an encoder-decoder, ``model(inputs_embeds=..., attention_mask=..., decoder_inputs_embeds=...).logits``."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
         self.no_cache = _takes_use_cache(model)
 
-    def forward(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def forward(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None,
+                decoder_inputs_embeds: Tensor | None = None) -> Tensor:
         kwargs: dict[str, Any] = {"inputs_embeds": inputs_embeds}
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
+        if decoder_inputs_embeds is not None:  # an encoder-decoder: the decoder's input embeddings too
+            kwargs["decoder_inputs_embeds"] = decoder_inputs_embeds
         if self.no_cache:
             kwargs["use_cache"] = False
         return self.model(**kwargs).logits
+
+
+def _is_encoder_decoder(model: nn.Module) -> bool:
+    """Whether the model has an encoder and a decoder (T5, BART, Whisper): it needs decoder inputs."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def _check_decoder_ids(where: str, model: nn.Module, decoder_input_ids: Any, batch: int) -> None:
+    name = type(model).__name__
+    if _is_encoder_decoder(model):
+        if decoder_input_ids is None:
+            start = getattr(model.config, "decoder_start_token_id", None)
+            raise ValueError(
+                f"{where}: {name} is an encoder-decoder: give decoder_input_ids, the decoder's tokens so far "
+                f"(B, M), starting with its decoder_start_token_id ({start}); the target is the next token at "
+                f"`position` of the decoder"
+            )
+        _check_input_ids(where, decoder_input_ids, "decoder_input_ids")
+        if decoder_input_ids.shape[0] != batch:
+            raise ValueError(
+                f"{where}: decoder_input_ids must have one row per sequence ({batch}), got "
+                f"{tuple(decoder_input_ids.shape)}"
+            )
+    elif decoder_input_ids is not None:
+        raise ValueError(f"{where}: decoder_input_ids is for encoder-decoder models; {name} has no decoder inputs")
 
 
 def _takes_use_cache(model: nn.Module) -> bool:
@@ -82,10 +118,10 @@ def _takes_use_cache(model: nn.Module) -> bool:
     return "use_cache" in inspect.signature(model.forward).parameters
 
 
-def _check_input_ids(where: str, input_ids: Any) -> None:
+def _check_input_ids(where: str, input_ids: Any, label: str = "input_ids") -> None:
     if not isinstance(input_ids, Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point():
         got = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
-        raise ValueError(f"{where}: input_ids must be an integer tensor (B, L), got {got}")
+        raise ValueError(f"{where}: {label} must be an integer tensor (B, L), got {got}")
 
 
 def _is_position_table(name: str) -> bool:
@@ -140,7 +176,8 @@ def attribute_tokens(
         :func:`lrpfunc.attribute_with_params`).
 
     Args:
-        model: A HuggingFace model with ``get_input_embeddings()`` that accepts ``inputs_embeds`` and returns logits.
+        model: A HuggingFace model with ``get_input_embeddings()`` that accepts ``inputs_embeds`` and returns logits;
+            an encoder-decoder also takes ``decoder_inputs_embeds`` (through the same, shared embedding).
         composite: The rules; ``None`` gives the plain gradient w.r.t. the embeddings (times the target logit, like
             every attribution here).
         canonizers: Canonizers, as for :func:`lrpfunc.attribute`.
@@ -149,9 +186,10 @@ def attribute_tokens(
             position embedding tensor; ``False`` skips it).
 
     Returns:
-        ``explain(input_ids, target=None, *, targets=None, position=-1, attention_mask=None, params=None) ->
-        TokenAttribution``. ``target``: class indices for a classifier, token ids for a language model: ``None`` (the
-        argmax), an int, or a ``(B,)`` tensor (one per sequence). ``targets``: ``(K,)`` (the same for every sequence)
+        ``explain(input_ids, target=None, *, targets=None, position=-1, attention_mask=None, contrast=None,
+        chunk_size=None, params=None, decoder_input_ids=None) -> TokenAttribution``. ``target``: class indices for a
+        classifier, token ids for a language model: ``None`` (the argmax), an int, or a ``(B,)`` tensor (one per
+        sequence). ``targets``: ``(K,)`` (the same for every sequence)
         or ``(K, B)`` for ``K`` targets at once, computed from one forward pass (``vmap`` over the seeds); give
         ``target`` or ``targets``, not both. ``position``: for a language model, the position whose next-token
         logits are explained, an int or a ``(K,)`` tensor (one per target: every generated position at once).
@@ -159,6 +197,9 @@ def attribute_tokens(
         of the target's logit and the contrast's (contrastive explanations). ``chunk_size``: with several targets, how
         many are propagated at once (as for ``torch.func.vmap``; bounds memory). ``params``: the model's parameters by
         name (default: its own, detached), so that the result is differentiable w.r.t. them like any attribution.
+        ``decoder_input_ids``: for an encoder-decoder (T5, BART), the decoder's tokens so far ``(B, M)``, starting
+        with its ``decoder_start_token_id`` (required there, refused elsewhere); ``position`` then counts in the
+        decoder, and the result has the relevance of both the encoder's and the decoder's tokens.
 
     Example:
         >>> explain = attribute_tokens(model, lrpfunc.composites.attnlrp())
@@ -172,6 +213,9 @@ def attribute_tokens(
     embedding_info = ModelInfo(embedding)
     position_names = [f"model.{name}" for name in _position_modules(model)] if positions else []
     additive_names = [f"model.{name}" for name in _additive_modules(model, embedding)] if positions else []
+    # an encoder-decoder's tables inside its decoder go with the decoder's tokens
+    decoder_tables = ({name for name in position_names + additive_names if ".decoder." in f".{name}."}
+                      if _is_encoder_decoder(model) else set())
     with_params = attribute_with_params(wrapper, composite, canonizers)
     plain = attribute(wrapper, composite, canonizers)
 
@@ -185,8 +229,10 @@ def attribute_tokens(
         contrast: int | Tensor | None = None,
         chunk_size: int | None = None,
         params: Mapping[str, Tensor] | None = None,
+        decoder_input_ids: Tensor | None = None,
     ) -> TokenAttribution:
         _check_input_ids("attribute_tokens", input_ids)
+        _check_decoder_ids("attribute_tokens", model, decoder_input_ids, input_ids.shape[0])
         if target is not None and targets is not None:
             raise ValueError("attribute_tokens: give target (one attribution) or targets (several), not both")
         # the model's own parameters detached by default: a heatmap needs no tape for them (ParamsRequireGradWarning)
@@ -198,17 +244,20 @@ def attribute_tokens(
         )
         embeds = evaluate(embedding, local, input_ids, embedding_info)
         wrapped = {f"model.{name}": value for name, value in given.items()}
-        x = (embeds,) if attention_mask is None else (embeds, attention_mask)
+        x: tuple[Tensor, ...] = (embeds,) if attention_mask is None else (embeds, attention_mask)
+        if decoder_input_ids is not None:  # the decoder's tokens through the same (shared) embedding
+            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+            x = (embeds, mask, evaluate(embedding, local, decoder_input_ids, embedding_info))
         with torch.no_grad():
             logits = evaluate(wrapper, wrapped, x)
         several = targets is not None or (isinstance(position, Tensor) and position.ndim == 1)
         seeds = _seeds(logits, targets if several else target, position, several, contrast)
         use_params = bool(position_names or additive_names)
 
-        def attribute_rows(rows: slice) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        def attribute_rows(rows: slice) -> tuple[Any, ...]:
             part = tuple(t[rows] for t in x)
 
-            def one(seed: Tensor) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+            def one(seed: Tensor) -> tuple[Any, ...]:
                 def by_value(output: Tensor) -> Tensor:  # the logits' values at the seed (from_logit's convention)
                     return seed * output
 
@@ -219,13 +268,21 @@ def attribute_tokens(
                     by_param = {}
                 value = (output * seed).flatten(1).sum(1)  # the target logit (minus the contrast's) of each sequence
                 embedded = relevance[0]
+                decoded = relevance[2] if decoder_input_ids is not None else embedded[..., :0, :]
                 taken = torch.zeros(embedded.shape[:-1], dtype=embedded.dtype, device=embedded.device)
+                taken_decoder = torch.zeros(decoded.shape[:-1], dtype=decoded.dtype, device=decoded.device)
                 for name in position_names:
                     if name in by_param:
-                        taken = taken + by_param[name].sum(-1)
+                        if name in decoder_tables:
+                            taken_decoder = taken_decoder + by_param[name].sum(-1)
+                        else:
+                            taken = taken + by_param[name].sum(-1)
                 tables = {name.removeprefix("model."): _per_token(by_param[name], taken) if name in by_param
-                          else torch.zeros_like(taken) for name in additive_names}
-                return embedded, taken, value, tables
+                          else torch.zeros_like(taken) for name in additive_names if name not in decoder_tables}
+                tables.update({name.removeprefix("model."): _per_token(by_param[name], taken_decoder)
+                               if name in by_param else torch.zeros_like(taken_decoder)
+                               for name in additive_names if name in decoder_tables})
+                return embedded, taken, value, tables, decoded, taken_decoder
 
             return torch.func.vmap(one, chunk_size=chunk_size)(seeds[:, rows]) if several else one(seeds[0, rows])
 
@@ -235,17 +292,24 @@ def attribute_tokens(
             # over the sequences: it is each sequence's own only when the sequences are attributed one at a time
             parts = [attribute_rows(slice(row, row + 1)) for row in range(batch)]
             dim = 1 if several else 0
-            embedded, taken, value = (torch.cat(pieces, dim=dim) for pieces in list(zip(*parts))[:3])
+            columns = list(zip(*parts))
+            embedded, taken, value, decoded, taken_decoder = (
+                torch.cat(columns[index], dim=dim) for index in (0, 1, 2, 4, 5)
+            )
             tables = {name: torch.cat([part[3][name] for part in parts], dim=dim) for name in parts[0][3]}
         else:
-            embedded, taken, value, tables = attribute_rows(slice(None))
+            embedded, taken, value, tables, decoded, taken_decoder = attribute_rows(slice(None))
+        encoder_decoder = decoder_input_ids is not None
         return TokenAttribution(
             tokens=embedded.sum(-1),
             embeddings=embedded,
-            positions=taken if position_names else None,
+            positions=taken if set(position_names) - decoder_tables else None,
             logits=logits,
             target=value,
             additive=tables,
+            decoder_tokens=decoded.sum(-1) if encoder_decoder else None,
+            decoder_embeddings=decoded if encoder_decoder else None,
+            decoder_positions=taken_decoder if encoder_decoder and decoder_tables & set(position_names) else None,
         )
 
     return explain
@@ -334,6 +398,12 @@ class GenerationAttribution:
         positions: ``(B, N, L + N)``: the relevance taken by learned position embeddings, ``None`` without them.
         target: ``(B, N)``: the logit each row starts from (minus the contrast's logit where one was given).
         prompt_length: ``L``.
+        decoder_relevance, decoder_positions: For an encoder-decoder model (T5, BART): ``sequences`` is then the
+            decoder's ``(B, 1 + N)`` ids (its start token and the generated ones), ``relevance`` ``(B, N, L)`` the
+            relevance of the encoder's tokens (the prompt) for each generated token, and ``decoder_relevance``
+            ``(B, N, N)`` that of the decoder's inputs (row ``n``: the start token and the tokens generated before
+            token ``n``; zero from column ``n + 1`` on); ``positions`` and ``decoder_positions`` likewise. ``None``
+            for a decoder-only model.
     """
 
     sequences: Tensor
@@ -341,6 +411,8 @@ class GenerationAttribution:
     positions: Tensor | None
     target: Tensor
     prompt_length: int
+    decoder_relevance: Tensor | None = None
+    decoder_positions: Tensor | None = None
 
 
 def attribute_generation(
@@ -359,7 +431,8 @@ def attribute_generation(
         position ``L + n - 1`` (``vmap`` over the ``N`` seeds), starting from its value.
 
     Args:
-        model: A HuggingFace causal language model, as for :func:`attribute_tokens`.
+        model: A HuggingFace causal language model, or an encoder-decoder (T5, BART: the prompt goes to the encoder
+            and the decoder generates from its ``decoder_start_token_id``), as for :func:`attribute_tokens`.
         composite: The rules, e.g. :func:`lrpfunc.composites.attnlrp`; ``None`` for the plain gradient.
         canonizers: Canonizers, as for :func:`lrpfunc.attribute`.
         positions: Report the relevance of learned position embeddings, as for :func:`attribute_tokens`.
@@ -396,8 +469,11 @@ def attribute_generation(
             got = tuple(contrast.shape) if isinstance(contrast, Tensor) else type(contrast).__name__
             raise ValueError(f"attribute_generation: contrast must be token ids ({batch}, {max_new_tokens}), got {got}")
         given = None if params is None else {name: value.detach() for name, value in params.items()}
-        sequences, mask = _greedy(model, given, input_ids, attention_mask, max_new_tokens, uses_cache)
         rows = torch.arange(max_new_tokens, device=input_ids.device)
+        if _is_encoder_decoder(model):
+            return _explain_encoder_decoder(model, tokens, given, input_ids, max_new_tokens, attention_mask, contrast,
+                                            chunk_size, params)
+        sequences, mask = _greedy(model, given, input_ids, attention_mask, max_new_tokens, uses_cache)
         result = tokens(
             sequences,
             targets=sequences[:, length:].T,
@@ -421,6 +497,53 @@ def attribute_generation(
         )
 
     return explain
+
+
+def _explain_encoder_decoder(model: nn.Module, tokens: Callable[..., TokenAttribution],
+                             params: Mapping[str, Tensor] | None, input_ids: Tensor, count: int,
+                             attention_mask: Tensor | None, contrast: Tensor | None, chunk_size: int | None,
+                             given_params: Mapping[str, Tensor] | None) -> GenerationAttribution:
+    """:func:`attribute_generation` for an encoder-decoder: the prompt through the encoder, ``count`` tokens generated
+    greedily by the decoder from its start token, every one attributed from one forward pass."""
+    start = getattr(model.config, "decoder_start_token_id", None)
+    if start is None:
+        raise ValueError(
+            f"attribute_generation: {type(model).__name__}'s config has no decoder_start_token_id, the token the "
+            f"decoder starts from; set model.config.decoder_start_token_id"
+        )
+    batch, length = input_ids.shape
+    decoder = torch.full((batch, 1), int(start), dtype=input_ids.dtype, device=input_ids.device)
+    info = ModelInfo(model) if params is not None else None
+    with torch.no_grad():
+        for _ in range(count):
+            kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "decoder_input_ids": decoder,
+                      "use_cache": False}
+            output = model(**kwargs) if params is None else evaluate(model, params, kwargs, info)
+            decoder = torch.cat([decoder, output.logits[:, -1].argmax(-1, keepdim=True)], 1)
+    rows = torch.arange(count, device=input_ids.device)
+    result = tokens(
+        input_ids,
+        targets=decoder[:, 1:].T,
+        position=rows,
+        attention_mask=attention_mask,
+        contrast=None if contrast is None else contrast.T,
+        chunk_size=chunk_size,
+        params=given_params,
+        decoder_input_ids=decoder[:, :-1],
+    )
+    # row n explains generated token n, predicted at decoder position n from the decoder's inputs 0..n
+    before = torch.arange(count, device=input_ids.device)[None] <= rows[:, None]
+    assert result.decoder_tokens is not None
+    return GenerationAttribution(
+        sequences=decoder,
+        relevance=result.tokens.transpose(0, 1),
+        positions=None if result.positions is None else result.positions.transpose(0, 1),
+        target=result.target.T,
+        prompt_length=length,
+        decoder_relevance=result.decoder_tokens.transpose(0, 1) * before,
+        decoder_positions=(None if result.decoder_positions is None
+                           else result.decoder_positions.transpose(0, 1) * before),
+    )
 
 
 def _greedy(
