@@ -23,7 +23,8 @@ from PIL import Image, ImageDraw, ImageFont
 from .image import _checked_palette, _indices, _number  # shared with the image heatmaps, not copied
 
 __all__ = ['SCHEMES', 'display_tokens', 'save_token_heatmap', 'save_token_heatmap_html', 'token_colors',
-           'token_heatmap', 'token_heatmap_html']
+           'token_heatmap', 'token_heatmap_html', 'generation_heatmap', 'generation_heatmap_html',
+           'save_generation_heatmap', 'save_generation_heatmap_html']
 
 RGB = tuple[int, int, int]
 Font = ImageFont.ImageFont | ImageFont.FreeTypeFont
@@ -605,3 +606,12 @@ def save_token_heatmap(tokens: Sequence[str] | Sequence[Sequence[str]], relevanc
     target.parent.mkdir(parents=True, exist_ok=True)
     image.save(target, format='PNG')
     return target
+
+
+# the matrix of a generation (its own module, built on the helpers above)
+from ._generation_map import (  # noqa: E402
+    generation_heatmap,
+    generation_heatmap_html,
+    save_generation_heatmap,
+    save_generation_heatmap_html,
+)
