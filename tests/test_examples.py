@@ -30,6 +30,7 @@ NAMES = (
     "concepts",
     "faithfulness",
     "transformer_attribution",
+    "generation",
 )
 
 
@@ -238,3 +239,19 @@ def test_transformer_attribution(tmp_path: Path) -> None:
     for name in ("attnlrp", "cp_lrp"):
         assert abpc[name] > abpc["random"] + 2.0, name
         assert hits[name] > max(hits["random"], chance) + 0.5, name
+
+
+def test_generation(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    result = _load("generation").main([str(tmp_path)], fast=True)
+    assert result["copied"] >= 0.95  # the model learned the copy task
+    # every generated token rests on its prompt token: the LRP methods find it, and removing what they rank first
+    # hurts the generated token's logit far more than removing what they rank last
+    for method in ("AttnLRP", "CP-LRP"):
+        assert result["top1_on_evidence"][method] >= 0.9
+        assert result["abpc"][method] > 3.0
+    assert result["top1_on_evidence"]["random"] < 0.3
+    assert _valid_png(result["png"])[0] > 100
+    page = Path(result["html"]).read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and page.count("<table") == 2 and "&lt;sep&gt;" in page
+
