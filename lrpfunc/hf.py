@@ -156,6 +156,13 @@ def _check_model(model: Any) -> nn.Module:
             f"attribute_tokens: {type(model).__name__} has no get_input_embeddings(); give a HuggingFace model that "
             f"takes inputs_embeds, or use lrpfunc.attribute on the embeddings directly"
         )
+    parameters = inspect.signature(model.forward).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    if "inputs_embeds" not in parameters and not takes_any:
+        raise TypeError(
+            f"attribute_tokens: {type(model).__name__}.forward takes no inputs_embeds, which the attribution starts "
+            f"from; wrap the model so that it does, or use lrpfunc.attribute on its input directly"
+        )
     return embedding
 
 

@@ -295,3 +295,30 @@ def test_from_logit_errors() -> None:
         ValueError, match=r"from_logit: target of shape \(3,\) does not broadcast against the output's \(2,\)"
     ):
         fn(_detached(model), torch.randn(2, 4, dtype=D), lrpfunc.from_logit(torch.tensor([0, 1, 1])))
+
+
+def test_attribute_tokens_checks_the_model_up_front() -> None:
+    import lrpfunc.hf
+
+    class NoEmbeddings(nn.Module):
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            return input_ids.float()
+
+    class NoInputsEmbeds(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(8, 4)
+
+        def get_input_embeddings(self) -> nn.Module:
+            return self.embed
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            return self.embed(input_ids)
+
+    with pytest.raises(TypeError, match=r"attribute_tokens: model must be a torch.nn.Module \(a HuggingFace model\), "
+                                        r"got str"):
+        lrpfunc.hf.attribute_tokens("gpt2")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"attribute_tokens: NoEmbeddings has no get_input_embeddings\(\)"):
+        lrpfunc.hf.attribute_tokens(NoEmbeddings())
+    with pytest.raises(TypeError, match=r"attribute_tokens: NoInputsEmbeds.forward takes no inputs_embeds"):
+        lrpfunc.hf.attribute_tokens(NoInputsEmbeds())
