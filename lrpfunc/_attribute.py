@@ -365,6 +365,7 @@ def attribute(
     def attribution(params: Mapping[str, Tensor], x: Any, grad_output: Any) -> tuple[Any, Any]:
         return _run(setup, params, x, grad_output, None)
 
+    attribution.model = model  # type: ignore[attr-defined]  # for lrpfunc.cached and lrpfunc.compile
     return attribution
 
 

@@ -1,0 +1,151 @@
+"""Record once, run many: an attribution function traced to a graph of aten operations per input signature
+(:func:`torch.fx.experimental.proxy_tensor.make_fx`) and replayed, optionally compiled by :func:`torch.compile`.
+
+The attribution reads no tensor value into Python (rules decide from static facts of the record), so its trace is a
+complete program of ``(params, x, grad_output)``: new parameter values, inputs and seeds of the same signature give
+the eager result. What the trace cannot see is guarded by the cache key: the tree structure, shapes, dtypes and
+devices of the arguments, which parameters are given, the model's modules, their training flags, and the identity and
+shape of every parameter and buffer the model holds (a tensor that the forward reads from the model rather than
+from ``params`` is part of the plan). A model whose forward reads a tensor value into Python (``if x.sum() > 0``,
+``.item()``, a data-dependent shape) cannot be traced: that signature runs eagerly from then on, and
+:attr:`Plan.eager` says why. Only calls that nothing outside differentiates use a plan (the fast path of
+:func:`lrpfunc.attribute`: no ``torch.func`` transform active, no argument requiring grad under grad mode); the others
+run eagerly, exact under every transform.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import optree
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from . import _functorch
+
+Tensor = torch.Tensor
+
+__all__ = ["Plan", "cached", "compile"]
+
+
+#: What tracing raises where the eager function would not: a tensor value read into Python (make_fx errors out on
+#: ``aten._local_scalar_dense``; data-dependent guards), or an operation it cannot trace.
+_UNTRACEABLE = (RuntimeError, NotImplementedError, AssertionError, TypeError)
+
+
+def _signature(leaf: Any) -> Any:
+    if isinstance(leaf, Tensor):
+        return ("tensor", tuple(leaf.shape), leaf.dtype, leaf.device, leaf.layout)
+    if isinstance(leaf, (int, float, bool, str, type(None))):
+        return ("value", type(leaf), leaf)
+    return ("object", type(leaf), id(leaf))
+
+
+@dataclass
+class Plan:
+    """The traced plans of one attribution function, by key (see the module docstring).
+
+    Attributes:
+        graphs: Key to the callable that replays the trace (compiled where asked).
+        eager: Key to the reason a signature runs eagerly (its trace read a value into Python).
+        traces: How many traces were made; ``hits``: how many calls a plan served; ``misses``: calls run eagerly.
+    """
+
+    graphs: dict[Any, Callable[..., Any]] = field(default_factory=dict)
+    eager: dict[Any, str] = field(default_factory=dict)
+    traces: int = 0
+    hits: int = 0
+    misses: int = 0
+
+
+def _model_state(model: torch.nn.Module) -> tuple[Any, ...]:
+    """What of the model a trace depends on besides the arguments: its modules and their training flags, and every
+    parameter's and buffer's identity, shape and dtype."""
+    modules = tuple((id(module), module.training) for module in model.modules())
+    tensors = tuple((id(t), tuple(t.shape), t.dtype, t.device)
+                    for t in (*model.parameters(), *model.buffers()))
+    return modules, tensors
+
+
+def _wrap(fn: Callable[..., tuple[Any, Any]], model: torch.nn.Module,
+          finish: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Callable[..., tuple[Any, Any]]:
+    plan = Plan()
+    lock = threading.Lock()
+
+    def planned(params: Mapping[str, Tensor], x: Any, grad_output: Any) -> tuple[Any, Any]:
+        arguments: Any = (dict(params), x, grad_output)
+        leaves, spec = optree.tree_flatten(arguments, none_is_leaf=True)
+        outside = _functorch.transforms_active() or (
+            torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in leaves)
+        )
+        if outside or callable(grad_output):
+            plan.misses += 1
+            return fn(params, x, grad_output)
+        key = (spec, tuple(_signature(leaf) for leaf in leaves), torch.is_grad_enabled(), _model_state(model))
+        graph = plan.graphs.get(key)
+        if graph is None:
+            if key in plan.eager:
+                plan.misses += 1
+                return fn(params, x, grad_output)
+            with lock:
+                graph = plan.graphs.get(key)
+                if graph is None:
+                    try:
+                        traced = make_fx(fn)(params, x, grad_output)
+                    except _UNTRACEABLE as error:  # a value read into Python, or an operation make_fx cannot trace
+                        plan.eager[key] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+                        plan.misses += 1
+                        return fn(params, x, grad_output)
+                    plan.traces += 1
+                    graph = plan.graphs[key] = finish(traced)
+        plan.hits += 1
+        return graph(params, x, grad_output)
+
+    planned.plan = plan  # type: ignore[attr-defined]
+    return planned
+
+
+def _model_of(where: str, fn: Any) -> torch.nn.Module:
+    model = getattr(fn, "model", None)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"{where}: expected a function made by lrpfunc.attribute (or attribute_layers, ...), got "
+            f"{type(fn).__name__}{' without its model' if callable(fn) else ''}"
+        )
+    return model
+
+
+def cached(fn: Callable[..., tuple[Any, Any]]) -> Callable[..., tuple[Any, Any]]:
+    """``fn`` (from :func:`lrpfunc.attribute`) with its calls traced once per signature and replayed.
+
+    Definition:
+        The first call with a new key (see the module docstring) traces ``fn`` with ``make_fx`` into a graph of aten
+        operations; later calls with that key run the graph with their ``params``, ``x`` and ``grad_output``: the
+        same operations as eager ``fn`` on the same path, without tracing the model in Python again. Calls that
+        something outside differentiates, calls with a callable ``grad_output``, and signatures whose trace read a
+        value into Python run ``fn`` itself. ``cached(fn).plan`` counts traces, hits and misses and says why a
+        signature runs eagerly.
+
+    Raises:
+        TypeError: ``fn`` is not an attribution function of this package.
+
+    Example:
+        >>> fast = lrpfunc.cached(lrpfunc.attribute(model, composites.epsilon_plus()))
+        >>> for x, y in loader:
+        ...     _, relevance = fast(params, x, torch.nn.functional.one_hot(y, 10).to(x))
+    """
+    return _wrap(fn, _model_of("cached", fn), lambda graph: graph)
+
+
+def compile(fn: Callable[..., tuple[Any, Any]], **options: Any) -> Callable[..., tuple[Any, Any]]:  # noqa: A001
+    """:func:`cached`, with each traced graph compiled by ``torch.compile(graph, **options)`` (e.g.
+    ``mode="reduce-overhead"`` for CUDA graphs on a GPU). Compilation happens on the first call of each signature;
+    the compiled plan gives the eager result to float rounding (inductor may fuse and reorder arithmetic).
+
+    Raises:
+        TypeError: ``fn`` is not an attribution function of this package.
+    """
+    return _wrap(fn, _model_of("compile", fn), lambda graph: torch.compile(graph, **options))

@@ -1,0 +1,140 @@
+"""Cached and compiled attribution: one trace per signature, replayed; equal to the eager function, guarded against
+what the trace cannot see, eager where a trace is impossible or where something outside differentiates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import zoo
+from torch import nn
+
+import lrpfunc
+from lrpfunc import canonizers, composites
+
+D = torch.float64
+
+
+def _params(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", ["vgg_bn", "resnet_basic", "mobilenet_v2"])
+def test_cached_equals_eager_on_the_zoo(name: str) -> None:
+    if name not in zoo.ZOO:
+        pytest.skip(f"no zoo model {name}")
+    model, x = zoo.build(name), zoo.example_input(name)
+    params = _params(model)
+    grad_output = zoo.target_of(name, model(x).detach())
+    fn = lrpfunc.attribute(model, composites.epsilon_plus_flat(), canonizers.merge_batchnorm())
+    fast = lrpfunc.cached(fn)
+    for value in (x, zoo.example_input(name, seed=1)):
+        output, relevance = fast(params, value, grad_output)
+        expected_output, expected = fn(params, value, grad_output)
+        torch.testing.assert_close(output, expected_output, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(relevance, expected, rtol=1e-12, atol=1e-14)
+    assert fast.plan.traces == 1 and fast.plan.hits == 2
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.norm = nn.BatchNorm1d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.norm(self.a(x))))
+
+
+def _mlp() -> tuple[MLP, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = MLP().to(D).eval()
+    with torch.no_grad():
+        model.norm.running_mean.normal_()
+        model.norm.running_var.uniform_(0.5, 2.0)
+    return model, torch.randn(5, 4, dtype=D), torch.randn(5, 3, dtype=D)
+
+
+def test_new_values_reuse_the_plan_and_what_the_trace_cannot_see_makes_a_new_one() -> None:
+    model, x, g = _mlp()
+    fn = lrpfunc.attribute(model, composites.epsilon_plus())
+    fast = lrpfunc.cached(fn)
+    params = _params(model)
+    fast(params, x, g)
+    changed = {name: value + 0.1 for name, value in params.items()}  # new values, same signature: no new trace
+    torch.testing.assert_close(fast(changed, x, g)[1], fn(changed, x, g)[1], rtol=1e-12, atol=1e-14)
+    assert fast.plan.traces == 1
+    with torch.no_grad():  # a buffer changed in place: the plan reads the model's own tensor
+        model.norm.running_mean.add_(0.5)
+    torch.testing.assert_close(fast(params, x, g)[1], fn(params, x, g)[1], rtol=1e-12, atol=1e-14)
+    assert fast.plan.traces == 1
+    model.norm.running_var = model.norm.running_var * 2  # a buffer rebound: a new plan
+    torch.testing.assert_close(fast(params, x, g)[1], fn(params, x, g)[1], rtol=1e-12, atol=1e-14)
+    assert fast.plan.traces == 2
+    model.train()  # training mode: BatchNorm on batch statistics, a new plan
+    with pytest.warns(lrpfunc.TrainingModeWarning):
+        expected = fn(params, x, g)[1]
+    torch.testing.assert_close(fast(params, x, g)[1], expected, rtol=1e-12, atol=1e-14)
+    assert fast.plan.traces == 3
+    model.eval()
+    fast(params, x[:2], g[:2])  # another shape: a new plan
+    assert fast.plan.traces == 4
+
+
+def test_a_forward_that_reads_a_value_runs_eagerly_and_follows_its_branch() -> None:
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.lin(x)
+            return h * 2 if h.sum() > 0 else -h
+
+    torch.manual_seed(0)
+    model = Branchy().to(D)
+    params = _params(model)
+    fn = lrpfunc.attribute(model, composites.epsilon())
+    fast = lrpfunc.cached(fn)
+    x, g = torch.randn(2, 4, dtype=D), torch.randn(2, 3, dtype=D)
+    for value in (x, -x, x):  # the branch flips between calls
+        output, relevance = fast(params, value, g)
+        expected_output, expected = fn(params, value, g)
+        torch.testing.assert_close(output, expected_output, rtol=0, atol=0)
+        torch.testing.assert_close(relevance, expected, rtol=0, atol=0)
+    assert fast.plan.traces == 0 and len(fast.plan.eager) == 1
+    (reason,) = fast.plan.eager.values()
+    assert "RuntimeError" in reason or "Guard" in reason
+
+
+def test_calls_differentiated_from_outside_run_eagerly_and_exactly() -> None:
+    model, x, g = _mlp()
+    fn = lrpfunc.attribute(model, composites.epsilon_plus())
+    fast = lrpfunc.cached(fn)
+    params = _params(model)
+
+    def loss(f, v: torch.Tensor) -> torch.Tensor:
+        return f(params, v, g)[1].square().sum()
+
+    torch.testing.assert_close(torch.func.grad(lambda v: loss(fast, v))(x), torch.func.grad(lambda v: loss(fn, v))(x))
+    per_sample = torch.func.vmap(fast, in_dims=(None, 0, 0))(params, x[:, None], g[:, None])[1]
+    torch.testing.assert_close(per_sample[:, 0], fn(params, x, g)[1], rtol=1e-12, atol=1e-14)
+    assert fast.plan.traces == 0 and fast.plan.misses >= 2
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's own, importing its compiler
+def test_compiled_equals_eager() -> None:
+    model, x, g = _mlp()
+    fn = lrpfunc.attribute(model, composites.epsilon_plus())
+    compiled = lrpfunc.compile(fn)
+    params = _params(model)
+    torch.testing.assert_close(compiled(params, x, g)[1], fn(params, x, g)[1], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(compiled(params, -x, g)[1], fn(params, -x, g)[1], rtol=1e-10, atol=1e-12)
+    assert compiled.plan.traces == 1 and compiled.plan.hits == 2
+
+
+def test_cached_refuses_what_is_not_an_attribution_function() -> None:
+    with pytest.raises(TypeError, match=r"cached: expected a function made by lrpfunc.attribute .*got function "
+                                        r"without its model"):
+        lrpfunc.cached(lambda params, x, g: (x, x))
+    with pytest.raises(TypeError, match=r"compile: expected a function made by lrpfunc.attribute .*got int"):
+        lrpfunc.compile(3)  # type: ignore[arg-type]
