@@ -84,7 +84,7 @@ def measure(name: str, rounds: int, compile_too: bool) -> str:
     cells = "".join(f"{median[key] / median['plain']:>10.2f}x" for key in calls)
     extra = f"   compile {compile_seconds:.1f} s" if compile_seconds is not None else ""
     worst = max(errors.values())
-    return f"  {name:<30}{median['plain'] * 1e3:>9.2f} ms{cells}{extra}   max |R - eager| {worst:.1e}"
+    return f"  {name:<36}{median['plain'] * 1e3:>9.2f} ms{cells}{extra}   max |R - eager| {worst:.1e}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     names = ["mlp100, no rules", "mlp100, epsilon_plus", "resnet18 64px b8, EpsilonPlusFlat"]
-    header = (f"  {'case':<30}{'plain':>12}" + "".join(f"{key:>11}" for key in ["plain", "eager", "cached"])
+    header = (f"  {'case':<36}{'plain time':>12}" + "".join(f"{key:>11}" for key in ["plain", "eager", "cached"])
               + ("" if args.no_compile else f"{'compiled':>11}"))
     lines = [f"torch {torch.__version__}, CPU; medians of {args.rounds} interleaved rounds, ratios to the plain input "
              f"gradient", header]
