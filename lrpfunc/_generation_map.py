@@ -175,8 +175,8 @@ def generation_heatmap_html(tokens: Sequence[str], relevance: torch.Tensor, *, p
     value in the cell's ``title`` tooltip with ``show_values``.
 
     Args:
-        tokens, relevance, prompt_length, row_tokens, causal, cmap, symmetric, level, shared_scale, title,
-        clean_tokens: As for :func:`generation_heatmap`.
+        tokens, relevance, prompt_length, row_tokens, causal: As for :func:`generation_heatmap`.
+        cmap, symmetric, level, shared_scale, title, clean_tokens: As for :func:`generation_heatmap`.
         show_values: Put each cell's relevance (4 significant digits) in its tooltip.
 
     Returns:

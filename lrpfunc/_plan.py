@@ -31,6 +31,9 @@ Tensor = torch.Tensor
 __all__ = ["Plan", "cached", "compile"]
 
 
+#: How many plans (signatures) one function keeps; the oldest goes first.
+MAX_PLANS = 32
+
 #: What tracing raises where the eager function would not: a tensor value read into Python (make_fx errors out on
 #: ``aten._local_scalar_dense``; data-dependent guards), or an operation it cannot trace.
 _UNTRACEABLE = (RuntimeError, NotImplementedError, AssertionError, TypeError)
@@ -49,7 +52,8 @@ class Plan:
     """The traced plans of one attribution function, by key (see the module docstring).
 
     Attributes:
-        graphs: Key to the callable that replays the trace (compiled where asked).
+        graphs: Key to the callable that replays the trace (compiled where asked); at most :data:`MAX_PLANS`, the
+            oldest dropped first (inputs of ever new shapes trace ever again: pad them to a few sizes).
         eager: Key to the reason a signature runs eagerly (its trace read a value into Python).
         traces: How many traces were made; ``hits``: how many calls a plan served; ``misses``: calls run eagerly.
     """
@@ -100,6 +104,8 @@ def _wrap(fn: Callable[..., tuple[Any, Any]], model: torch.nn.Module,
                         plan.misses += 1
                         return fn(params, x, grad_output)
                     plan.traces += 1
+                    if len(plan.graphs) >= MAX_PLANS:  # varying shapes: keep the newest plans only
+                        del plan.graphs[next(iter(plan.graphs))]
                     graph = plan.graphs[key] = finish(traced)
         plan.hits += 1
         return graph(params, x, grad_output)
