@@ -9,7 +9,7 @@ from ._checks import ParamsRequireGradWarning, TrainingModeWarning
 from ._composite import CallSite, RuleTable
 from ._conservation import ConservationReport, SiteRelevance, conservation
 from ._layers import attribute_layers
-from ._plan import Plan, cached, compile  # noqa: A004  # lrpfunc.compile, as torch.compile
+from ._plan import Plan, cached, compile, export  # noqa: A004  # lrpfunc.compile, as torch.compile
 from ._stabilize import Stabilizer, stabilize
 from ._targets import from_logit
 
@@ -17,6 +17,7 @@ __all__ = [
     "attribute",
     "cached",
     "compile",
+    "export",
     "Plan",
     "attribute_with_params",
     "attribute_layers",

@@ -28,7 +28,7 @@ from . import _functorch
 
 Tensor = torch.Tensor
 
-__all__ = ["Plan", "cached", "compile"]
+__all__ = ["Plan", "cached", "compile", "export"]
 
 
 #: How many plans (signatures) one function keeps; the oldest goes first.
@@ -63,6 +63,40 @@ class Plan:
     traces: int = 0
     hits: int = 0
     misses: int = 0
+
+
+def _simplified(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The traced graph without what a replay that nothing differentiates does not need: ``detach`` (the identity
+    there), and constant tensors (``full``: the zeros and ones of stabilizers and masks) made once instead of at
+    every call. A node whose value the graph returns, or that an in-place operation writes, stays as it is."""
+    graph = graph_module.graph
+
+    def keeps(node: torch.fx.Node) -> bool:
+        """Whether the graph returns ``node``'s value or an operation writes into it."""
+        for user in node.users:
+            schema = getattr(user.target, "_schema", None)
+            if user.op == "output" or (schema is not None and schema.is_mutable):
+                return True
+        return False
+
+    hoisted = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or keeps(node):
+            continue
+        if node.target is torch.ops.aten.detach.default:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+        elif node.target is torch.ops.aten.full.default:
+            name = f"_constant_{hoisted}"
+            hoisted += 1
+            graph_module.register_buffer(name, node.target(*node.args, **node.kwargs))
+            with graph.inserting_before(node):
+                constant = graph.get_attr(name)
+            node.replace_all_uses_with(constant)
+            graph.erase_node(node)
+    graph.lint()
+    graph_module.recompile()
+    return graph_module
 
 
 def _model_state(model: torch.nn.Module) -> tuple[Any, ...]:
@@ -106,7 +140,7 @@ def _wrap(fn: Callable[..., tuple[Any, Any]], model: torch.nn.Module,
                     plan.traces += 1
                     if len(plan.graphs) >= MAX_PLANS:  # varying shapes: keep the newest plans only
                         del plan.graphs[next(iter(plan.graphs))]
-                    graph = plan.graphs[key] = finish(traced)
+                    graph = plan.graphs[key] = finish(_simplified(traced))
         plan.hits += 1
         return graph(params, x, grad_output)
 
@@ -155,3 +189,41 @@ def compile(fn: Callable[..., tuple[Any, Any]], **options: Any) -> Callable[...,
         TypeError: ``fn`` is not an attribution function of this package.
     """
     return _wrap(fn, _model_of("compile", fn), lambda graph: torch.compile(graph, **options))
+
+
+class _Explainer(torch.nn.Module):
+    """The traced attribution with its parameters as buffers: ``(x, grad_output) -> (output, relevance)``."""
+
+    def __init__(self, graph: torch.fx.GraphModule, params: Mapping[str, Tensor]) -> None:
+        super().__init__()
+        self.graph = graph
+        self.names = list(params)
+        for index, value in enumerate(params.values()):
+            self.register_buffer(f"param_{index}", value.detach())
+
+    def forward(self, x: Any, grad_output: Any) -> Any:
+        params = {name: getattr(self, f"param_{index}") for index, name in enumerate(self.names)}
+        return self.graph(params, x, grad_output)
+
+
+def export(fn: Callable[..., tuple[Any, Any]], params: Mapping[str, Tensor], x: Any, grad_output: Any,
+           **options: Any) -> torch.export.ExportedProgram:
+    """An explainer for deployment: the attribution ``fn`` (from :func:`lrpfunc.attribute`) with ``params`` fixed, as
+    a :class:`torch.export.ExportedProgram` of ``(x, grad_output) -> (output, relevance)``.
+
+    Definition:
+        ``fn`` is traced on the example ``(params, x, grad_output)`` with symbolic sizes, its parameters and the
+        model's buffers become the program's buffers, and :func:`torch.export.export` exports it with ``options`` (``dynamic_shapes=...`` for
+        other batch sizes). ``torch.export.save(program, path)`` writes it; ``torch.export.load(path).module()(x,
+        grad_output)`` gives the relevance without lrpfunc, its model class or Python tracing.
+
+    Raises:
+        TypeError: ``fn`` is not an attribution function of this package.
+        RuntimeError: The forward reads a tensor value into Python (it cannot be traced), or the export fails.
+    """
+    model = _model_of("export", fn)
+    # the buffers too, so that every tensor the trace reads is an input (traced with symbolic sizes)
+    detached = {name: value.detach() for name, value in (*model.named_buffers(), *params.items())}
+    graph = make_fx(fn, tracing_mode="symbolic")(detached, x, grad_output)  # sizes as symbols
+    return torch.export.export(_Explainer(graph, detached), (x, grad_output), **options)
+

@@ -31,6 +31,7 @@ NAMES = (
     "faithfulness",
     "transformer_attribution",
     "generation",
+    "export_explainer",
 )
 
 
@@ -254,4 +255,11 @@ def test_generation(tmp_path: Path) -> None:
     assert _valid_png(result["png"])[0] > 100
     page = Path(result["html"]).read_text(encoding="utf-8")
     assert page.startswith("<!DOCTYPE html>") and page.count("<table") == 2 and "&lt;sep&gt;" in page
+
+
+def test_export_explainer(tmp_path: Path) -> None:
+    result = _load("export_explainer").main([str(tmp_path)], fast=True)
+    # the reloaded program, without lrpfunc's tracing, on another batch size than the export's
+    assert result["difference"] < 1e-5
+    assert Path(result["path"]).stat().st_size > 0 and _valid_png(result["grid"])[0] > 0
 
