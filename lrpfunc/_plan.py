@@ -213,9 +213,10 @@ def export(fn: Callable[..., tuple[Any, Any]], params: Mapping[str, Tensor], x: 
 
     Definition:
         ``fn`` is traced on the example ``(params, x, grad_output)`` with symbolic sizes, its parameters and the
-        model's buffers become the program's buffers, and :func:`torch.export.export` exports it with ``options`` (``dynamic_shapes=...`` for
-        other batch sizes). ``torch.export.save(program, path)`` writes it; ``torch.export.load(path).module()(x,
-        grad_output)`` gives the relevance without lrpfunc, its model class or Python tracing.
+        model's buffers become the program's buffers, and :func:`torch.export.export` exports it with ``options``
+        (``dynamic_shapes=...`` for other batch sizes). ``torch.export.save(program, path)`` writes it;
+        ``torch.export.load(path).module()(x, grad_output)`` gives the relevance without lrpfunc, its model class or
+        Python tracing.
 
     Raises:
         TypeError: ``fn`` is not an attribution function of this package.
@@ -223,7 +224,8 @@ def export(fn: Callable[..., tuple[Any, Any]], params: Mapping[str, Tensor], x: 
     """
     model = _model_of("export", fn)
     # the buffers too, so that every tensor the trace reads is an input (traced with symbolic sizes)
-    detached = {name: value.detach() for name, value in (*model.named_buffers(), *params.items())}
-    graph = make_fx(fn, tracing_mode="symbolic")(detached, x, grad_output)  # sizes as symbols
+    tensors = (*model.named_buffers(), *params.items())
+    detached = {name: value.detach() for name, value in tensors}
+    graph = make_fx(fn, tracing_mode="symbolic")(detached, x, grad_output)  # the sizes as symbols
     return torch.export.export(_Explainer(graph, detached), (x, grad_output), **options)
 
