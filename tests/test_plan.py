@@ -145,3 +145,22 @@ def test_cached_refuses_what_is_not_an_attribution_function() -> None:
         lrpfunc.cached(lambda params, x, g: (x, x))
     with pytest.raises(TypeError, match=r"compile: expected a function made by lrpfunc.attribute .*got int"):
         lrpfunc.compile(3)  # type: ignore[arg-type]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's own, while exporting
+def test_export_gives_the_eager_relevance_for_other_batch_sizes(tmp_path) -> None:
+    model, x, g = _mlp()
+    fn = lrpfunc.attribute(model, composites.epsilon_plus())
+    params = _params(model)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = lrpfunc.export(fn, params, x, g, dynamic_shapes=({0: batch}, {0: batch}))
+    torch.export.save(program, tmp_path / "explainer.pt2")
+    explainer = torch.export.load(tmp_path / "explainer.pt2").module()
+    for rows in (5, 2, 9):
+        value, seed = torch.randn(rows, 4, dtype=D), torch.randn(rows, 3, dtype=D)
+        output, relevance = explainer(value, seed)
+        expected_output, expected = fn(params, value, seed)
+        torch.testing.assert_close(output, expected_output, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(relevance, expected, rtol=1e-12, atol=1e-14)
+    with pytest.raises(TypeError, match=r"export: expected a function made by lrpfunc.attribute"):
+        lrpfunc.export(lambda p, v, s: (v, v), params, x, g)
