@@ -433,7 +433,8 @@ def attribute_generation(
 
     Definition:
         The model generates ``N`` tokens greedily (the argmax at each step; the ids ``model.generate(do_sample=False)``
-        gives when no end-of-sequence token stops it). One forward pass over the ``L + N`` tokens then gives every
+        gives when no end-of-sequence token stops it: an end-of-sequence token is kept like any other, never blocked
+        as ``min_new_tokens`` blocks it). One forward pass over the ``L + N`` tokens then gives every
         row at once: row ``n`` is :func:`attribute_tokens`'s attribution of the logit of generated token ``n`` at
         position ``L + n - 1`` (``vmap`` over the ``N`` seeds), starting from its value.
 
@@ -456,6 +457,13 @@ def attribute_generation(
         >>> result.relevance[0, 0]      # each token's relevance for the first generated token
     """
     _check_model(model)
+    get_head = getattr(model, "get_output_embeddings", None)
+    if not callable(get_head) or get_head() is None:
+        raise TypeError(
+            f"attribute_generation: {type(model).__name__} has no language-model head (get_output_embeddings() gives "
+            f"none), so it predicts no next token; give the model with its head (...ForCausalLM, "
+            f"...ForConditionalGeneration)"
+        )
     tokens = attribute_tokens(model, composite, canonizers, positions=positions)
     uses_cache = _takes_use_cache(model)
 

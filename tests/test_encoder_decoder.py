@@ -130,3 +130,18 @@ def test_decoder_inputs_are_required_and_refused_where_they_belong() -> None:
     with pytest.raises(ValueError, match=r"decoder_input_ids is for encoder-decoder models; GPT2LMHeadModel has no "
                                          r"decoder inputs"):
         lrpfunc.hf.attribute_tokens(gpt2, composites.cp_lrp())(ids, decoder_input_ids=ids)
+
+
+def test_generation_needs_a_language_model_head_and_explains_contrasts() -> None:
+    torch.manual_seed(0)
+    base = transformers.BartModel(_model("bart").config).to(D).eval()
+    with pytest.raises(TypeError, match=r"attribute_generation: BartModel has no language-model head"):
+        lrpfunc.hf.attribute_generation(base, composites.cp_lrp())
+    model = _model("t5")
+    ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(5))
+    contrast = torch.full((2, 3), 7)
+    result = lrpfunc.hf.attribute_generation(model, composites.cp_lrp())(ids, 3, contrast=contrast)
+    with torch.no_grad():
+        logits = model(input_ids=ids, decoder_input_ids=result.sequences[:, :3], use_cache=False).logits
+    chosen = logits.gather(2, result.sequences[:, 1:, None])[..., 0] - logits[..., 7]
+    torch.testing.assert_close(result.target, chosen, rtol=1e-10, atol=1e-12)
