@@ -527,14 +527,8 @@ def _explain_encoder_decoder(model: nn.Module, tokens: Callable[..., TokenAttrib
             f"decoder starts from; set model.config.decoder_start_token_id"
         )
     batch, length = input_ids.shape
-    decoder = torch.full((batch, 1), int(start), dtype=input_ids.dtype, device=input_ids.device)
-    info = ModelInfo(model) if params is not None else None
-    with torch.no_grad():
-        for _ in range(count):
-            kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "decoder_input_ids": decoder,
-                      "use_cache": False}
-            output = model(**kwargs) if params is None else evaluate(model, params, kwargs, info)
-            decoder = torch.cat([decoder, output.logits[:, -1].argmax(-1, keepdim=True)], 1)
+    start_ids = torch.full((batch, 1), int(start), dtype=input_ids.dtype, device=input_ids.device)
+    decoder, _ = _greedy(model, params, input_ids, attention_mask, count, True, decoder=start_ids)
     rows = torch.arange(count, device=input_ids.device)
     result = tokens(
         input_ids,
@@ -568,19 +562,24 @@ def _greedy(
     attention_mask: Tensor | None,
     count: int,
     uses_cache: bool,
+    *,
+    decoder: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """``count`` tokens appended greedily by the model with ``params`` (default: its own), one forward pass over the
-    whole sequence per token, and the attention mask extended over them."""
-    sequences, mask = input_ids, attention_mask
+    whole sequence per token, and the attention mask extended over them. With ``decoder`` (an encoder-decoder's
+    start ids), the tokens are appended to the decoder's ids, and ``input_ids`` and its mask stay the encoder's."""
+    sequences, mask = (input_ids, attention_mask) if decoder is None else (decoder, attention_mask)
     extra: dict[str, Any] = {"use_cache": False} if uses_cache else {}
     info = ModelInfo(model) if params is not None else None
     with torch.no_grad():
         for _ in range(count):
-            kwargs = {"input_ids": sequences, "attention_mask": mask, **extra}
+            if decoder is None:
+                kwargs = {"input_ids": sequences, "attention_mask": mask, **extra}
+            else:
+                kwargs = {"input_ids": input_ids, "attention_mask": mask, "decoder_input_ids": sequences, **extra}
             output = model(**kwargs) if params is None else evaluate(model, params, kwargs, info)
-            logits = output.logits
-            sequences = torch.cat([sequences, logits[:, -1].argmax(-1, keepdim=True)], 1)
-            if mask is not None:
+            sequences = torch.cat([sequences, output.logits[:, -1].argmax(-1, keepdim=True)], 1)
+            if mask is not None and decoder is None:
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
     return sequences, mask
 
