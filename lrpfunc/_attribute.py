@@ -21,7 +21,7 @@ from ._checks import (
     warn_params_require_grad,
     warn_training_mode,
 )
-from ._composite import CallSite, Composite, RuleTable, resolver_of
+from ._composite import CallSite, Composite, RuleTable, resolver_of, sources_of
 from ._functionalize import Substitution, is_float
 from ._interception import eager_calls, tracing
 from ._model import ModelInfo, Stale, call_model
@@ -70,6 +70,7 @@ class Setup:
         self.rewrites = [c for c in self.canonizers if type(c).rewrite is not Canonizer.rewrite]
         self.replacers = [c for c in self.canonizers if type(c).replace_op is not Canonizer.replace_op]
         self.traced = self.composite is not None or bool(self.rewrites)
+        self.sources = sources_of(self.composite)
         self.mode_dependent = mode_dependent(self.model, batchnorm=not self.merge)  # a merge refuses a training one
         self.warned: set[type[Warning]] = set()
 
@@ -167,6 +168,7 @@ def run_trace(
             skip_transpose=skip_transpose,
             record_sites=record_sites,
             transparent=transparent,
+            sources=setup.sources,
         )
         leaves, spec = optree.tree_flatten(x, none_is_leaf=True)
         leaves = _distinct(leaves)
@@ -305,12 +307,27 @@ def _run(
             observer=observer,
             gradient_form=forms,
         )
+    if param_relevance is not None:
+        _source_relevance(trace, cotangents, param_relevance)
     leaves, spec = optree.tree_flatten(x, none_is_leaf=True)
     relevance = [
         cotangents[vid] if vid is not None and vid in cotangents else torch.zeros_like(leaf)
         for vid, leaf in zip(trace.input_ids, leaves)
     ]
     return trace.output, optree.tree_unflatten(spec, relevance)
+
+
+def _source_relevance(trace: Trace, cotangents: Mapping[int, Tensor], relevances: dict[str, Tensor]) -> None:
+    """Add the relevance of each source call's outputs (:func:`lrpfunc.composites.with_sources`) to ``relevances``,
+    under the module's name (``name[i]`` for the ``i``-th of several tensor outputs); calls of one module add up."""
+    for name, vids in trace.source_ids:
+        for position, vid in enumerate(vids):
+            if vid is None:
+                continue
+            key = name if len(vids) == 1 else f"{name}[{position}]"
+            found = cotangents.get(vid)
+            value = found if found is not None else torch.zeros_like(trace.low[vid])
+            relevances[key] = relevances[key] + value if key in relevances else value
 
 
 def attribute(

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple, Protocol, cast, runtime_checkable
 
 import torch
 
-__all__ = ["CallSite", "Composite", "RuleTable", "Matcher", "Entries", "resolver_of", "rule_name"]
+__all__ = ["CallSite", "Composite", "RuleTable", "Matcher", "Entries", "resolver_of", "rule_name", "sources_of"]
 
 #: What a composite entry matches: a module class (or a duck type from :mod:`lrpfunc.types`), an operation class
 #: (:mod:`lrpfunc.ops`), a label class a canonizer attaches (:class:`lrpfunc.types.Sum`), or a torch function
@@ -88,6 +88,13 @@ def resolver_of(composite: Any) -> Callable[[CallSite], Any] | None:
     return make() if callable(make) else None
 
 
+def sources_of(composite: Any) -> tuple[type, ...]:
+    """The module types whose calls' outputs a composite makes inputs of the attribution (its ``sources``, see
+    :func:`lrpfunc.composites.with_sources`); ``()`` for a composite without."""
+    found = getattr(composite, "sources", ())
+    return tuple(found) if found else ()
+
+
 def rule_name(rule: Any) -> str:
     """A readable name of a rule for tables and messages."""
     if rule is None:
@@ -101,12 +108,17 @@ def _class_name(site: CallSite) -> str:
     return site.op_class.__name__ if site.op_class is not None else ""
 
 
+#: What a rule table lists in place of a rule for a call whose outputs are sources (``with_sources``).
+SOURCE = "\x00source"
+
+
 @dataclass(frozen=True)
 class RuleTable:
     """The rule of each call site, as a composite resolved it. ``print(table)`` shows it.
 
     Sites inside a call that has a rule are covered by it (they get no rule of their own); they are listed with
-    ``covered by ...`` in place of a rule. A site without a rule shows ``-``: the true gradient passes through it.
+    ``covered by ...`` in place of a rule. A site without a rule shows ``-``: the true gradient passes through it. A
+    call whose outputs the composite makes inputs (:func:`lrpfunc.composites.with_sources`) shows ``(source)``.
     ``print`` adds a header and a legend that says so; :meth:`format` leaves them out on request.
     """
 
@@ -130,7 +142,7 @@ class RuleTable:
         """What covers the site called ``name`` (a ruled call's name), or ``None`` if it is not covered."""
         for (site, _), by in zip(self.rows, self.covered or (None,) * len(self.rows)):
             if site.name == name and site.call_index == call_index:
-                return by
+                return None if by == SOURCE else by
         raise KeyError(f"no call site named {name!r} (call {call_index + 1}) in this table")
 
     def format(self, *, header: bool = True, legend: bool = True) -> str:
@@ -142,7 +154,8 @@ class RuleTable:
         """
         covered = self.covered or (None,) * len(self.rows)
         lines = [
-            (site.describe(), _class_name(site), rule_name(rule) if by is None else f"(covered by {by})")
+            (site.describe(), _class_name(site),
+             rule_name(rule) if by is None else "(source)" if by == SOURCE else f"(covered by {by})")
             for (site, rule), by in zip(self.rows, covered)
         ]
         if header:
@@ -150,7 +163,8 @@ class RuleTable:
         left = max((len(a) for a, _, _ in lines), default=0)
         middle = max((len(b) for _, b, _ in lines), default=0)
         text = [f"{a.ljust(left)}  {b.ljust(middle)}  {c}".rstrip() for a, b, c in lines]
-        return "\n".join(text + (["", *_LEGEND] if legend else []))
+        notes = [*_LEGEND, _SOURCE_NOTE] if SOURCE in covered else list(_LEGEND)
+        return "\n".join(text + (["", *notes] if legend else []))
 
     def __str__(self) -> str:
         return self.format()
@@ -165,3 +179,4 @@ _LEGEND = (
     "-               no rule at this call: the true gradient passes (the calls inside it keep their own rules)",
     "(covered by X)  inside the call X that has a rule: X's rule replaces the whole call, this one gets none",
 )
+_SOURCE_NOTE = "(source)        its outputs are inputs of the attribution (with_sources): relevance stops there"

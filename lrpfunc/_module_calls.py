@@ -10,7 +10,7 @@ import optree
 import torch
 
 from ._call import RuleError
-from ._composite import CallSite
+from ._composite import SOURCE, CallSite
 from ._functionalize import is_float
 from ._interception import MODULE_CALL
 from ._merge import MERGEABLE_MODULES, NOT_MERGED, TRANSPOSABLE, is_batchnorm, note_mergeable, try_merge
@@ -48,6 +48,11 @@ def record_module_call(tracer: Tracer, module: torch.nn.Module, args: tuple[Any,
         finally:
             tracer.stack.pop()
     observed = tracer.observe(name, index) if tracer.observe is not None else None
+    if tracer.sources and isinstance(module, tracer.sources):
+        if tracer.record_sites:
+            site = CallSite("module", module_index, name, module, None, None, index, tracer.next_order(), None)
+            tracer.sites.append((site, None, SOURCE))
+        return record_source_call(tracer, module, name, args, kwargs, observed)
     if tracer.merge_batchnorm and is_batchnorm(module):
         merged = try_merge(tracer, module, module_index, index, name, args, kwargs)
         if merged is not NOT_MERGED:
@@ -159,6 +164,41 @@ def record_constant_call(tracer: Tracer, module: torch.nn.Module, name: str, arg
         output = MODULE_CALL(module, *args, **kwargs)
     finally:
         tracer.stack.pop()
+    if observed is not None:
+        add_observation(tracer, observed, output)
+    return output
+
+
+def record_source_call(tracer: Tracer, module: torch.nn.Module, name: str, args: tuple[Any, ...],
+                       kwargs: dict[str, Any], observed: str | None) -> Any:
+    """A call of a module whose outputs are sources (:func:`lrpfunc.composites.with_sources`): it runs like a call on
+    constants (no site, nothing propagates into it), and each floating-point tensor it returns enters the pass as a
+    fresh input, whose relevance the sweep keeps (``Trace.source_ids``)."""
+    tracer.stack.append(name)
+    try:
+        output = MODULE_CALL(module, *args, **kwargs)
+    finally:
+        tracer.stack.pop()
+    vids: list[int | None] = []
+
+    def enter(leaf: Any) -> Any:
+        if not isinstance(leaf, Tensor):
+            return leaf
+        if not is_float(leaf):
+            vids.append(None)
+            return leaf
+        known = tracer.vid(leaf)
+        value = tracer.lower(known) if known is not None else tracer.tape.lower(tracer.resolve(leaf))
+        vid = tracer.add_input(value)
+        vids.append(vid)
+        return tracer.tensors[vid]
+
+    tracer.raw += 1  # the tracer's own operations (lifting to the tape)
+    try:
+        output = optree.tree_map(enter, output, none_is_leaf=True)
+    finally:
+        tracer.raw -= 1
+    tracer.source_ids.append((name, vids))
     if observed is not None:
         add_observation(tracer, observed, output)
     return output

@@ -294,6 +294,8 @@ class Trace:
         static_origin: Value id of a constant computed inside a module call (from parameters and buffers alone, like a
             position embedding) to that module's name.
         input_ids, output_ids: Value ids of the input and output leaves (``None`` for a leaf without one).
+        source_ids: The calls whose outputs entered as inputs (:func:`lrpfunc.composites.with_sources`): each module's
+            name and the value ids of its floating-point outputs (``None`` for another leaf), in call order.
         output: The model's output at the caller's level.
         sites: Every call site with its rule (or what covered it), when the tracer recorded them.
     """
@@ -318,6 +320,7 @@ class Trace:
     output_ids: list[int | None]
     sites: list[tuple[CallSite, Any, str | None]]
     nonnegative: set[int] = field(default_factory=set)
+    source_ids: list[tuple[str, list[int | None]]] = field(default_factory=list)
 
     def find(self, piece: int) -> int:
         return find_piece(self.piece_parent, piece)

@@ -141,6 +141,7 @@ def liveness(trace: Trace, seeds: Sequence[int]) -> Liveness:
                 if push:
                     first_push[trace.find(piece_of[vid])] = index
     keep = {vid for vid in trace.input_ids if vid is not None}
+    keep.update(vid for _, vids in trace.source_ids for vid in vids if vid is not None)
     keep.update(trace.param_names)
     seeded = set(seeds)
     expire: dict[int, list[int]] = {}

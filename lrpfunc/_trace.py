@@ -70,6 +70,7 @@ class Tracer(TorchFunctionMode):
         skip_transpose: frozenset[tuple[int, int]] = frozenset(),
         record_sites: bool = False,
         transparent: bool = False,
+        sources: tuple[type, ...] = (),
     ) -> None:
         super().__init__()
         self.tape = tape
@@ -87,6 +88,8 @@ class Tracer(TorchFunctionMode):
         # on the tape as well
         self.transparent = transparent
         self.transparent_depth = 0
+        self.sources = sources  # module types whose outputs enter as inputs (with_sources)
+        self.source_ids: list[tuple[str, list[int | None]]] = []
         self.info = info
         self.names = info.names
         # values (the table's dictionaries and methods, named here for the hot paths)
@@ -315,6 +318,7 @@ class Tracer(TorchFunctionMode):
             output_ids=output_ids,
             sites=self.sites,
             nonnegative=self.nonnegative,
+            source_ids=self.source_ids,
         )
         self.values.weak = {}  # the values still held weakly are no cut: the sweep never reads them
         return trace

@@ -22,7 +22,7 @@ from torch import Tensor
 from . import ops as _ops
 from . import rules as _rules
 from . import types as _types
-from ._composite import CallSite, Composite, Entries, Matcher, resolver_of
+from ._composite import CallSite, Composite, Entries, Matcher, resolver_of, sources_of
 from ._stabilize import StabilizerLike
 
 Rule = Any
@@ -47,6 +47,7 @@ __all__ = [
     "attnlrp",
     "cp_lrp",
     "recompute_layers",
+    "with_sources",
 ]
 
 ZeroParams = str | Sequence[str] | None
@@ -269,6 +270,11 @@ class Mixed:
     def __repr__(self) -> str:
         return _label_of(self) or f"mixed([{', '.join(repr(composite) for composite in self.composites)}])"
 
+    @property
+    def sources(self) -> tuple[type, ...]:
+        """The sources of every part (:func:`with_sources`)."""
+        return tuple(dict.fromkeys(kind for composite in self.composites for kind in sources_of(composite)))
+
     def resolver(self) -> Callable[[CallSite], Rule | None] | None:
         return _resolver_from(self._decider())
 
@@ -297,6 +303,28 @@ class Mixed:
                 if resolved[index] is _UNDECIDED:
                     resolved[index] = rule
         return [_rule_of(rule) for rule in resolved]
+
+
+@dataclass(frozen=True)
+class Sourced:
+    """``composite``'s rules, with the outputs of the calls of the module types ``sources`` made inputs of the
+    attribution (:func:`with_sources`)."""
+
+    composite: Composite
+    sources: tuple[type, ...]
+
+    def __repr__(self) -> str:
+        names = ", ".join(kind.__name__ for kind in self.sources)
+        return _label_of(self) or f"with_sources({self.composite!r}, {names})"
+
+    def resolver(self) -> Callable[[CallSite], Rule | None] | None:
+        return resolver_of(self.composite)
+
+    def _decider(self) -> Decider | None:
+        return _decider_of(self.composite)
+
+    def resolve(self, sites: Sequence[CallSite]) -> list[Rule | None]:
+        return list(self.composite.resolve(sites))
 
 
 def layer_map(entries: Entries) -> LayerMap:
@@ -366,6 +394,37 @@ def recompute_layers(composite: Composite, *layers: Matcher) -> Mixed:
     if not layers:
         raise TypeError("recompute_layers: give at least one module type whose calls are recomputed")
     return mixed([layer_map([(tuple(layers), _rules.recompute(composite))]), composite])
+
+
+def with_sources(composite: Composite, *layers: type) -> Sourced:
+    """``composite``, with the output of every call of a module of the types ``layers`` made an input of the
+    attribution of its own: a *source* of relevance like the model's input.
+
+    Definition:
+        The tensors such a call returns enter the recorded forward pass as fresh inputs: the operations that read them
+        are operations on activations (a product ``q * cos`` with a rotary table is then a product of two activations,
+        which :func:`attnlrp` splits by the uniform rule), and the relevance arriving at them is not propagated into
+        the call. :func:`lrpfunc.attribute_with_params` reports it under the module's name (``name[i]`` for the
+        ``i``-th of several outputs; calls of the same module add up); :func:`lrpfunc.hf.attribute_tokens` adds it to
+        ``positions``. This is how PA-LRP (Bakish et al. 2025) gives relevance to rotary position embeddings: their
+        ``cos`` and ``sin`` tables become inputs, indexed by position, instead of constants whose share of each
+        product goes to the other operand. The output of ``attribute`` is unchanged; only the relevance moves.
+
+    Example:
+        ``with_sources(attnlrp(), types.RotaryEmbedding)``, which ``attnlrp(rotary_positions=True)`` builds.
+
+    References:
+        Bakish, Zimerman, Chefer and Wolf (2025), Revisiting LRP: Positional Attribution as the Missing Ingredient for
+        Transformer Explainability, NeurIPS.
+    """
+    if not isinstance(composite, Composite):
+        raise TypeError(f"with_sources: expected a composite, got {type(composite).__name__}")
+    if not layers:
+        raise TypeError("with_sources: give at least one module type whose outputs become inputs")
+    for kind in layers:
+        if not isinstance(kind, type):
+            raise TypeError(f"with_sources: sources must be module types, got {kind!r}")
+    return Sourced(composite, tuple(dict.fromkeys((*sources_of(composite), *layers))))
 
 
 def layer_map_base(stabilizer: StabilizerLike = 1e-6, *,
@@ -637,6 +696,7 @@ def attnlrp(
     zero_params: ZeroParams = None,
     layer_map: Entries | None = None,
     first_map: Entries | None = None,
+    rotary_positions: bool = False,
 ) -> Composite:
     """AttnLRP for transformers (Achtibat et al. 2024), on modules and operations alike.
 
@@ -656,10 +716,22 @@ def attnlrp(
         gradient form, and the sweep propagates gradients (see :func:`lrpfunc.attribute`), at about the cost of a
         gradient. A positive ``epsilon`` gives epsilon-LRP on the linear layers, at about twice the cost.
 
+        ``rotary_positions=True``: PA-LRP's treatment of rotary position embeddings (Bakish et al. 2025). The
+        ``(cos, sin)`` tables of every rotary embedding module (:data:`lrpfunc.types.RotaryEmbedding`) become inputs
+        of the attribution (:func:`with_sources`), so each product ``q * cos`` and ``rotate_half(q) * sin`` splits its
+        relevance evenly between the query (key) and the table, and the tables' relevance is that of the positions
+        (:func:`lrpfunc.hf.attribute_tokens` reports it in ``positions``). Default: the tables are constants, and all
+        the relevance of those products goes to the queries and keys (LXT's AttnLRP).
+
     References:
         Achtibat et al. (2024), AttnLRP: Attention-Aware Layer-Wise Relevance Propagation for Transformers, ICML.
+
+        Bakish, Zimerman, Chefer and Wolf (2025), Revisiting LRP: Positional Attribution as the Missing Ingredient for
+        Transformer Explainability, NeurIPS.
     """
-    return _lrp(layer_map, first_map, [(_LINEAR, _rules.epsilon(epsilon, zero_params))], None, stabilizer, zero_params)
+    composite = _lrp(layer_map, first_map, [(_LINEAR, _rules.epsilon(epsilon, zero_params))], None, stabilizer,
+                     zero_params)
+    return with_sources(composite, _types.RotaryEmbedding) if rotary_positions else composite
 
 
 @_labelled
@@ -677,7 +749,8 @@ def cp_lrp(
         As :func:`attnlrp`, except that a product of activations gives all its relevance to the operands that are
         not a gate: an operand produced by a softmax (attention weights) or an element-wise nonlinearity (the
         activated gate of a gated MLP, a squeeze-excitation scale) receives none, so relevance flows through the
-        values only (:func:`~lrpfunc.rules.gated`). ``epsilon`` and ``stabilizer`` as for :func:`attnlrp`.
+        values only (:func:`~lrpfunc.rules.gated`). ``epsilon`` and ``stabilizer`` as for :func:`attnlrp`. Queries
+        and keys get no relevance, so neither do rotary position embeddings (there is no ``rotary_positions``).
 
     References:
         Ali et al. (2022), XAI for Transformers: Better Explanations through Conservative Propagation, ICML.

@@ -19,7 +19,7 @@ from torch import nn
 
 from . import composites as _composites
 from ._attribute import attribute, attribute_with_params
-from ._composite import Composite
+from ._composite import Composite, sources_of
 from ._functionalize import evaluate
 from ._model import ModelInfo
 from .canonizers import Canonizer
@@ -39,8 +39,9 @@ class TokenAttribution:
     Attributes:
         tokens: ``(K, B, L)`` or ``(B, L)``: the relevance of each token, its embedding's relevance summed over ``H``.
         embeddings: ``(K, B, L, H)`` or ``(B, L, H)``: the relevance of the input embeddings.
-        positions: ``(K, B, L)`` or ``(B, L)``: the relevance taken by learned position embeddings at each position;
-            ``None`` for a model without them (rotary positions) or when not asked for.
+        positions: ``(K, B, L)`` or ``(B, L)``: the relevance taken by learned position embeddings at each position,
+            or by the ``cos`` and ``sin`` tables of rotary position embeddings when the composite makes them inputs
+            (``attnlrp(rotary_positions=True)``, PA-LRP); ``None`` for a model with neither or when not asked for.
         logits: The model's logits, ``(B, L, V)`` for a language model, ``(B, C)`` for a classifier.
         target: ``(K, B)`` or ``(B,)``: the target logits (minus the contrast's logits where a contrast was given);
             each attribution starts from its logit's value (:func:`lrpfunc.from_logit`'s convention), so ``tokens``
@@ -188,9 +189,10 @@ def attribute_tokens(
         composite: The rules; ``None`` gives the plain gradient w.r.t. the embeddings (times the target logit, like
             every attribution here).
         canonizers: Canonizers, as for :func:`lrpfunc.attribute`.
-        positions: Report the relevance of learned position embeddings (costs the parameter relevance of every
-            rule, and a batch of ``B > 1`` sequences is attributed one sequence at a time, since the batch shares one
-            position embedding tensor; ``False`` skips it).
+        positions: Report the relevance of learned position embeddings, and of rotary position embeddings where the
+            composite makes their tables inputs (costs the parameter relevance of every rule, and a batch of
+            ``B > 1`` sequences is attributed one sequence at a time, since the batch shares one position embedding
+            tensor; ``False`` skips it).
 
     Returns:
         ``explain(input_ids, target=None, *, targets=None, position=-1, attention_mask=None, contrast=None,
@@ -219,6 +221,10 @@ def attribute_tokens(
     embedding_weight = embedding_names.get(id(getattr(embedding, "weight", None)))
     embedding_info = ModelInfo(embedding)
     position_names = [f"model.{name}" for name in _position_modules(model)] if positions else []
+    sources = sources_of(composite)
+    # the tables of rotary position embeddings, made inputs by the composite (attnlrp(rotary_positions=True))
+    rotary_names = ([f"model.{name}" for name, module in model.named_modules() if name and isinstance(module, sources)]
+                    if positions and sources else [])
     additive_names = [f"model.{name}" for name in _additive_modules(model, embedding)] if positions else []
     # an encoder-decoder's tables inside its decoder go with the decoder's tokens
     decoder_tables = ({name for name in position_names + additive_names if ".decoder." in f".{name}."}
@@ -259,7 +265,7 @@ def attribute_tokens(
             logits = evaluate(wrapper, wrapped, x)
         several = targets is not None or (isinstance(position, Tensor) and position.ndim == 1)
         seeds = _seeds(logits, targets if several else target, position, several, contrast)
-        use_params = bool(position_names or additive_names)
+        use_params = bool(position_names or additive_names or rotary_names)
 
         def attribute_rows(rows: slice) -> tuple[Any, ...]:
             part = tuple(t[rows] for t in x)
@@ -278,6 +284,9 @@ def attribute_tokens(
                 decoded = relevance[2] if decoder_input_ids is not None else embedded[..., :0, :]
                 taken = torch.zeros(embedded.shape[:-1], dtype=embedded.dtype, device=embedded.device)
                 taken_decoder = torch.zeros(decoded.shape[:-1], dtype=decoded.dtype, device=decoded.device)
+                for key, table in by_param.items():
+                    if any(key == name or key.startswith(f"{name}[") for name in rotary_names):
+                        taken = taken + table.sum(-1)  # (cos, sin) of shape (1 or B, L, head dim)
                 for name in position_names:
                     if name in by_param:
                         if name in decoder_tables:
@@ -310,7 +319,7 @@ def attribute_tokens(
         return TokenAttribution(
             tokens=embedded.sum(-1),
             embeddings=embedded,
-            positions=taken if set(position_names) - decoder_tables else None,
+            positions=taken if set(position_names) - decoder_tables or rotary_names else None,
             logits=logits,
             target=value,
             additive=tables,
@@ -443,7 +452,8 @@ def attribute_generation(
             and the decoder generates from its ``decoder_start_token_id``), as for :func:`attribute_tokens`.
         composite: The rules, e.g. :func:`lrpfunc.composites.attnlrp`; ``None`` for the plain gradient.
         canonizers: Canonizers, as for :func:`lrpfunc.attribute`.
-        positions: Report the relevance of learned position embeddings, as for :func:`attribute_tokens`.
+        positions: Report the relevance of position embeddings (learned, or rotary with
+            ``attnlrp(rotary_positions=True)``), as for :func:`attribute_tokens`.
 
     Returns:
         ``explain(input_ids, max_new_tokens, *, attention_mask=None, contrast=None, chunk_size=None, params=None) ->

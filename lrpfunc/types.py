@@ -34,6 +34,7 @@ __all__ = [
     "AvgPool",
     "MaxPool",
     "Activation",
+    "RotaryEmbedding",
 ]
 
 
@@ -178,6 +179,9 @@ LayerNormLike = duck("LayerNormLike", class_name=r"LayerNorm(2d)?$")
 #: An RMSNorm written by hand (HuggingFace's ``LlamaRMSNorm``, ``Qwen2RMSNorm``, ``MistralRMSNorm``,
 #: ``GemmaRMSNorm`` with its ``(1 + weight)``), matched by name.
 RMSNormLike = duck("RMSNormLike", class_name=r"RMSNorm$")
+#: A rotary position embedding module that computes the ``(cos, sin)`` tables of RoPE (HuggingFace's
+#: ``LlamaRotaryEmbedding``, ``Qwen2RotaryEmbedding``, ``GPTNeoXRotaryEmbedding``, ...), matched by name.
+RotaryEmbedding = duck("RotaryEmbedding", class_name=r"Rotary(Positional)?Embeddings?$")
 #: Normalisation modules: LayerNorm, GroupNorm, RMSNorm (torch's and hand-written ones), instance norm.
 Normalization: tuple[type, ...] = (
     nn.LayerNorm,
