@@ -51,10 +51,13 @@ class TokenAttribution:
             embeddings added to the token embeddings (BERT, RoBERTa), ``(K, B, L)`` or ``(B, L)``; a table whose
             output is not one vector per token (a relative position bias added to attention scores) per sequence,
             ``(K, B)`` or ``(B,)``. Empty when there are none or when not asked for.
-        decoder_tokens, decoder_embeddings, decoder_positions: For an encoder-decoder model (T5, BART), the relevance
-            of the decoder's input tokens (``decoder_input_ids``, length ``M``: ``(K, B, M)`` or ``(B, M)``), of their
-            embeddings and of the decoder's learned position embeddings; ``tokens``, ``embeddings`` and ``positions``
-            are then the encoder's. ``None`` for other models.
+        decoder_tokens, decoder_embeddings, decoder_positions: For an encoder-decoder model (T5, BART, Whisper), the
+            relevance of the decoder's input tokens (``decoder_input_ids``, length ``M``: ``(K, B, M)`` or
+            ``(B, M)``), of their embeddings and of the decoder's learned position embeddings; ``tokens``,
+            ``embeddings`` and ``positions`` are then the encoder's. ``None`` for other models. For a speech model
+            (Whisper: the first argument is ``input_features`` ``(B, n_mels, T)``), ``embeddings`` is the relevance of
+            each feature, ``(B, n_mels, T)``, ``tokens`` that of each frame ``(B, T)`` (summed over the mel bins), and
+            ``positions`` that of the encoder's ``S`` positions after its convolutions, ``(B, S)``.
     """
 
     tokens: Tensor
@@ -70,16 +73,18 @@ class TokenAttribution:
 
 class FromEmbeddings(nn.Module):
     """``model(inputs_embeds=..., attention_mask=...).logits`` as a module of the embeddings (what is attributed); for
-    an encoder-decoder, ``model(inputs_embeds=..., attention_mask=..., decoder_inputs_embeds=...).logits``."""
+    an encoder-decoder, ``model(inputs_embeds=..., attention_mask=..., decoder_inputs_embeds=...).logits``; for a
+    speech encoder-decoder (Whisper), ``input_features`` in place of ``inputs_embeds``."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
         self.no_cache = _takes_use_cache(model)
+        self.encoder_input = "input_features" if _is_speech(model) else "inputs_embeds"
 
     def forward(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None,
                 decoder_inputs_embeds: Tensor | None = None) -> Tensor:
-        kwargs: dict[str, Any] = {"inputs_embeds": inputs_embeds}
+        kwargs: dict[str, Any] = {self.encoder_input: inputs_embeds}
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
         if decoder_inputs_embeds is not None:  # an encoder-decoder: the decoder's input embeddings too
@@ -92,6 +97,22 @@ class FromEmbeddings(nn.Module):
 def _is_encoder_decoder(model: nn.Module) -> bool:
     """Whether the model has an encoder and a decoder (T5, BART, Whisper): it needs decoder inputs."""
     return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def _is_speech(model: nn.Module) -> bool:
+    """Whether the model is an encoder-decoder whose encoder reads features, not tokens (Whisper's log-mel
+    spectrogram, ``input_features`` of shape ``(B, n_mels, frames)``)."""
+    return _is_encoder_decoder(model) and getattr(model, "main_input_name", "input_ids") == "input_features"
+
+
+def _check_features(where: str, features: Any) -> None:
+    if not isinstance(features, Tensor) or features.ndim != 3 or not features.is_floating_point():
+        got = (f"{tuple(features.shape)} {features.dtype}" if isinstance(features, Tensor)
+               else type(features).__name__)
+        raise ValueError(
+            f"{where}: this model's encoder reads input_features: give a float tensor (B, n_mels, frames) as the "
+            f"first argument, got {got}"
+        )
 
 
 def _check_decoder_ids(where: str, model: nn.Module, decoder_input_ids: Any, batch: int) -> None:
@@ -185,7 +206,9 @@ def attribute_tokens(
 
     Args:
         model: A HuggingFace model with ``get_input_embeddings()`` that accepts ``inputs_embeds`` and returns logits;
-            an encoder-decoder also takes ``decoder_inputs_embeds`` (through the same, shared embedding).
+            an encoder-decoder also takes ``decoder_inputs_embeds`` (through the same, shared embedding). A speech
+            encoder-decoder (Whisper, ``main_input_name == "input_features"``) takes its features in place of
+            ``input_ids``, and they are attributed as they are.
         composite: The rules; ``None`` gives the plain gradient w.r.t. the embeddings (times the target logit, like
             every attribution here).
         canonizers: Canonizers, as for :func:`lrpfunc.attribute`.
@@ -231,6 +254,7 @@ def attribute_tokens(
                       if _is_encoder_decoder(model) else set())
     with_params = attribute_with_params(wrapper, composite, canonizers)
     plain = attribute(wrapper, composite, canonizers)
+    speech = _is_speech(model)
 
     def explain(
         input_ids: Tensor,
@@ -244,7 +268,10 @@ def attribute_tokens(
         params: Mapping[str, Tensor] | None = None,
         decoder_input_ids: Tensor | None = None,
     ) -> TokenAttribution:
-        _check_input_ids("attribute_tokens", input_ids)
+        if speech:
+            _check_features("attribute_tokens", input_ids)
+        else:
+            _check_input_ids("attribute_tokens", input_ids)
         _check_decoder_ids("attribute_tokens", model, decoder_input_ids, input_ids.shape[0])
         if target is not None and targets is not None:
             raise ValueError("attribute_tokens: give target (one attribution) or targets (several), not both")
@@ -255,11 +282,13 @@ def attribute_tokens(
         local = (
             {"weight": given[embedding_weight]} if embedding_weight is not None and embedding_weight in given else {}
         )
-        embeds = evaluate(embedding, local, input_ids, embedding_info)
+        # a speech encoder's features are attributed as they are (its first layers are convolutions)
+        embeds = input_ids if speech else evaluate(embedding, local, input_ids, embedding_info)
         wrapped = {f"model.{name}": value for name, value in given.items()}
         x: tuple[Tensor, ...] = (embeds,) if attention_mask is None else (embeds, attention_mask)
         if decoder_input_ids is not None:  # the decoder's tokens through the same (shared) embedding
-            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+            ones = torch.ones(input_ids.shape[0], input_ids.shape[-1], dtype=torch.long, device=input_ids.device)
+            mask = ones if attention_mask is None else attention_mask
             x = (embeds, mask, evaluate(embedding, local, decoder_input_ids, embedding_info))
         with torch.no_grad():
             logits = evaluate(wrapper, wrapped, x)
@@ -282,7 +311,9 @@ def attribute_tokens(
                 value = (output * seed).flatten(1).sum(1)  # the target logit (minus the contrast's) of each sequence
                 embedded = relevance[0]
                 decoded = relevance[2] if decoder_input_ids is not None else embedded[..., :0, :]
-                taken = torch.zeros(embedded.shape[:-1], dtype=embedded.dtype, device=embedded.device)
+                # a speech encoder's positions are those after its convolutions: (B, S), filled below
+                taken = torch.zeros(embedded.shape[:-1] if not speech else (embedded.shape[0], 0),
+                                    dtype=embedded.dtype, device=embedded.device)
                 taken_decoder = torch.zeros(decoded.shape[:-1], dtype=decoded.dtype, device=decoded.device)
                 for key, table in by_param.items():
                     if any(key == name or key.startswith(f"{name}[") for name in rotary_names):
@@ -291,6 +322,8 @@ def attribute_tokens(
                     if name in by_param:
                         if name in decoder_tables:
                             taken_decoder = taken_decoder + by_param[name].sum(-1)
+                        elif speech:  # every encoder position's row of the table, shared by the batch
+                            taken = by_param[name].sum(-1).expand(embedded.shape[0], -1)
                         else:
                             taken = taken + by_param[name].sum(-1)
                 tables = {name.removeprefix("model."): _per_token(by_param[name], taken) if name in by_param
@@ -317,7 +350,7 @@ def attribute_tokens(
             embedded, taken, value, tables, decoded, taken_decoder = attribute_rows(slice(None))
         encoder_decoder = decoder_input_ids is not None
         return TokenAttribution(
-            tokens=embedded.sum(-1),
+            tokens=embedded.sum(-2) if speech else embedded.sum(-1),
             embeddings=embedded,
             positions=taken if set(position_names) - decoder_tables or rotary_names else None,
             logits=logits,
@@ -420,6 +453,10 @@ class GenerationAttribution:
             ``(B, N, N)`` that of the decoder's inputs (row ``n``: the start token and the tokens generated before
             token ``n``; zero from column ``n + 1`` on); ``positions`` and ``decoder_positions`` likewise. ``None``
             for a decoder-only model.
+        features: For a speech encoder-decoder (Whisper), whose prompt is ``input_features`` ``(B, n_mels, T)``:
+            ``(B, N, n_mels, T)``, the relevance of each feature for each generated token; ``relevance`` is then
+            ``(B, N, T)``, summed over the mel bins, ``prompt_length`` is ``T``, and ``positions`` ``(B, N, S)``
+            belongs to the encoder's ``S`` positions after its convolutions. ``None`` otherwise.
     """
 
     sequences: Tensor
@@ -429,6 +466,7 @@ class GenerationAttribution:
     prompt_length: int
     decoder_relevance: Tensor | None = None
     decoder_positions: Tensor | None = None
+    features: Tensor | None = None
 
 
 def attribute_generation(
@@ -486,10 +524,13 @@ def attribute_generation(
         chunk_size: int | None = None,
         params: Mapping[str, Tensor] | None = None,
     ) -> GenerationAttribution:
-        _check_input_ids("attribute_generation", input_ids)
+        if _is_speech(model):
+            _check_features("attribute_generation", input_ids)
+        else:
+            _check_input_ids("attribute_generation", input_ids)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"attribute_generation: max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        batch, length = input_ids.shape
+        batch, length = input_ids.shape[0], input_ids.shape[-1]
         if contrast is not None and (not isinstance(contrast, Tensor) or contrast.shape != (batch, max_new_tokens)):
             got = tuple(contrast.shape) if isinstance(contrast, Tensor) else type(contrast).__name__
             raise ValueError(f"attribute_generation: contrast must be token ids ({batch}, {max_new_tokens}), got {got}")
@@ -536,8 +577,8 @@ def _explain_encoder_decoder(model: nn.Module, tokens: Callable[..., TokenAttrib
             f"attribute_generation: {type(model).__name__}'s config has no decoder_start_token_id, the token the "
             f"decoder starts from; set model.config.decoder_start_token_id"
         )
-    batch, length = input_ids.shape
-    start_ids = torch.full((batch, 1), int(start), dtype=input_ids.dtype, device=input_ids.device)
+    batch, length = input_ids.shape[0], input_ids.shape[-1]
+    start_ids = torch.full((batch, 1), int(start), dtype=torch.long, device=input_ids.device)
     decoder, _ = _greedy(model, params, input_ids, attention_mask, count, True, decoder=start_ids)
     rows = torch.arange(count, device=input_ids.device)
     result = tokens(
@@ -556,6 +597,7 @@ def _explain_encoder_decoder(model: nn.Module, tokens: Callable[..., TokenAttrib
     return GenerationAttribution(
         sequences=decoder,
         relevance=result.tokens.transpose(0, 1),
+        features=result.embeddings.transpose(0, 1) if _is_speech(model) else None,
         positions=None if result.positions is None else result.positions.transpose(0, 1),
         target=result.target.T,
         prompt_length=length,
@@ -585,8 +627,9 @@ def _greedy(
         for _ in range(count):
             if decoder is None:
                 kwargs = {"input_ids": sequences, "attention_mask": mask, **extra}
-            else:
-                kwargs = {"input_ids": input_ids, "attention_mask": mask, "decoder_input_ids": sequences, **extra}
+            else:  # the encoder's input: token ids, or a speech model's features
+                kwargs = {getattr(model, "main_input_name", "input_ids"): input_ids, "attention_mask": mask,
+                          "decoder_input_ids": sequences, **extra}
             output = model(**kwargs) if params is None else evaluate(model, params, kwargs, info)
             sequences = torch.cat([sequences, output.logits[:, -1].argmax(-1, keepdim=True)], 1)
             if mask is not None and decoder is None:

@@ -1,4 +1,4 @@
-"""Encoder-decoder models (T5, BART): the relevance of the encoder's and of the decoder's tokens, for one target and
+"""Encoder-decoder models (T5, BART, Whisper): the relevance of the encoder's and of the decoder's tokens, for one target and
 for every token of a greedy generation, against lrpfunc.attribute on the embeddings (float64)."""
 
 from __future__ import annotations
@@ -145,3 +145,77 @@ def test_generation_needs_a_language_model_head_and_explains_contrasts() -> None
         logits = model(input_ids=ids, decoder_input_ids=result.sequences[:, :3], use_cache=False).logits
     chosen = logits.gather(2, result.sequences[:, 1:, None])[..., 0] - logits[..., 7]
     torch.testing.assert_close(result.target, chosen, rtol=1e-10, atol=1e-12)
+
+
+def _whisper() -> torch.nn.Module:
+    config = transformers.WhisperConfig(
+        vocab_size=64, num_mel_bins=8, d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_source_positions=12,
+        max_target_positions=16, decoder_start_token_id=1, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        suppress_tokens=None, begin_suppress_tokens=None,
+    )
+    torch.manual_seed(0)
+    return transformers.WhisperForConditionalGeneration(config).to(D).eval()
+
+
+def _features(batch: int = 2) -> torch.Tensor:
+    return torch.randn(batch, 8, 24, dtype=D, generator=torch.Generator().manual_seed(5))
+
+
+def test_speech_features_take_the_place_of_the_encoders_tokens() -> None:
+    """Whisper: the relevance of each input feature (and per frame), of the encoder's positions after its
+    convolutions and of the decoder's tokens; CP-LRP conserves over all of them; the same as lrpfunc.attribute on the
+    features with the target logit as the seed."""
+    model = _whisper()
+    features, decoder_ids = _features(), torch.tensor([[1, 5, 7], [1, 3, 3]])
+    result = lrpfunc.hf.attribute_tokens(model, composites.cp_lrp())(features, decoder_input_ids=decoder_ids)
+    assert result.embeddings.shape == (2, 8, 24) and result.tokens.shape == (2, 24)
+    assert result.positions.shape == (2, 12) and result.decoder_tokens.shape == (2, 3)
+    torch.testing.assert_close(result.tokens, result.embeddings.sum(1))
+    torch.testing.assert_close(_total(result), result.target, rtol=1e-10, atol=1e-12)
+    wrapper = lrpfunc.hf.FromEmbeddings(model)
+    params = {f"model.{name}": p.detach() for name, p in model.named_parameters()}
+    with torch.no_grad():
+        x = (features, torch.ones(2, 24, dtype=torch.long), model.get_input_embeddings()(decoder_ids))
+        logits = wrapper(*x)
+    token = logits[:, -1].argmax(-1)
+    seed = torch.zeros_like(logits)
+    seed[torch.arange(2), -1, token] = logits[torch.arange(2), -1, token]
+    _, (by_features, _, _) = lrpfunc.attribute(wrapper, composites.attnlrp())(params, x, seed)
+    attn = lrpfunc.hf.attribute_tokens(model, composites.attnlrp(), positions=False)(features,
+                                                                                     decoder_input_ids=decoder_ids)
+    torch.testing.assert_close(attn.embeddings, by_features, rtol=1e-10, atol=1e-12)
+
+
+def test_attribute_generation_of_a_speech_model() -> None:
+    model = _whisper()
+    features, count = _features(), 3
+    result = lrpfunc.hf.attribute_generation(model, composites.cp_lrp())(features, count)
+    assert result.sequences.shape == (2, 1 + count) and result.prompt_length == 24
+    assert result.features.shape == (2, count, 8, 24) and result.relevance.shape == (2, count, 24)
+    assert result.positions.shape == (2, count, 12) and result.decoder_relevance.shape == (2, count, count)
+    decoder = result.sequences[:, :1]
+    with torch.no_grad():  # plain greedy decoding from the start token
+        for _ in range(count):
+            logits = model(input_features=features, decoder_input_ids=decoder, use_cache=False).logits
+            decoder = torch.cat([decoder, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(result.sequences, decoder)
+    total = (result.relevance.sum(-1) + result.positions.sum(-1) + result.decoder_relevance.sum(-1)
+             + result.decoder_positions.sum(-1))
+    torch.testing.assert_close(total, result.target, rtol=1e-10, atol=1e-12)  # CP-LRP conserves per row
+    for n in range(count):
+        row = lrpfunc.hf.attribute_tokens(model, composites.cp_lrp())(
+            features, target=decoder[:, n + 1], position=n, decoder_input_ids=decoder[:, :count]
+        )
+        torch.testing.assert_close(result.features[:, n], row.embeddings, rtol=1e-9, atol=1e-12)
+
+
+def test_speech_models_take_float_features() -> None:
+    model = _whisper()
+    with pytest.raises(ValueError, match=r"attribute_tokens: this model's encoder reads input_features: give a float "
+                                         r"tensor \(B, n_mels, frames\) as the first argument, got \(2, 5\) "
+                                         r"torch.int64"):
+        lrpfunc.hf.attribute_tokens(model, composites.cp_lrp())(torch.zeros(2, 5, dtype=torch.long),
+                                                                decoder_input_ids=torch.ones(2, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"attribute_generation: this model's encoder reads input_features"):
+        lrpfunc.hf.attribute_generation(model, composites.cp_lrp())(torch.zeros(2, 5, dtype=torch.long), 2)

@@ -31,6 +31,7 @@ NAMES = (
     "faithfulness",
     "transformer_attribution",
     "generation",
+    "speech",
     "export_explainer",
 )
 
@@ -255,6 +256,18 @@ def test_generation(tmp_path: Path) -> None:
     assert _valid_png(result["png"])[0] > 100
     page = Path(result["html"]).read_text(encoding="utf-8")
     assert page.startswith("<!DOCTYPE html>") and page.count("<table") == 2 and "&lt;sep&gt;" in page
+
+
+def test_speech(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    result = _load("speech").main([str(tmp_path)], fast=True)
+    assert result["transcribed"] >= 0.95  # the model learned to transcribe
+    # each written note rests on its own frames: the LRP methods put nearly all relevance there, random a third
+    for method in ("AttnLRP", "CP-LRP"):
+        assert result["share_on_note"][method] > 0.85 and result["top1_on_note"][method] >= 0.9
+    assert result["share_on_note"]["random"] < 0.45
+    assert 0.7 < result["of_logit"] < 1.05 and result["conservation"] < 1e-3  # CP-LRP conserves but for the biases
+    assert _valid_png(result["png"])[0] > 300
 
 
 def test_export_explainer(tmp_path: Path) -> None:
