@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -607,6 +607,13 @@ def _explain_encoder_decoder(model: nn.Module, tokens: Callable[..., TokenAttrib
     )
 
 
+def _cache_argument(model: nn.Module) -> str | None:
+    """The name of ``model.forward``'s key-value cache argument (``cache`` in transformers 5, ``past_key_values``
+    before), or ``None`` if it takes none."""
+    parameters = inspect.signature(model.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
+
+
 def _greedy(
     model: nn.Module,
     params: Mapping[str, Tensor] | None,
@@ -617,23 +624,37 @@ def _greedy(
     *,
     decoder: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """``count`` tokens appended greedily by the model with ``params`` (default: its own), one forward pass over the
-    whole sequence per token, and the attention mask extended over them. With ``decoder`` (an encoder-decoder's
-    start ids), the tokens are appended to the decoder's ids, and ``input_ids`` and its mask stay the encoder's."""
+    """``count`` tokens appended greedily by the model with ``params`` (default: its own), and the attention mask
+    extended over them. With the model's key-value cache (as ``generate`` decodes) each step after the first feeds only
+    the newest token (and an encoder-decoder's encoder runs once); without it, the whole sequence. With ``decoder`` (an
+    encoder-decoder's start ids), the tokens are appended to the decoder's ids, and ``input_ids`` (a speech model's
+    features) and its mask stay the encoder's."""
     sequences, mask = (input_ids, attention_mask) if decoder is None else (decoder, attention_mask)
-    extra: dict[str, Any] = {"use_cache": False} if uses_cache else {}
+    cache_name = _cache_argument(model) if uses_cache else None
+    extra: dict[str, Any] = {"use_cache": cache_name is not None} if uses_cache else {}
     info = ModelInfo(model) if params is not None else None
+    encoder_input = getattr(model, "main_input_name", "input_ids")
+    cache: Any = None
+    encoded: Tensor | None = None
     with torch.no_grad():
         for _ in range(count):
+            fed = sequences if cache is None else sequences[:, -1:]  # with a cache, only what it has not seen
             if decoder is None:
-                kwargs = {"input_ids": sequences, "attention_mask": mask, **extra}
-            else:  # the encoder's input: token ids, or a speech model's features
-                kwargs = {getattr(model, "main_input_name", "input_ids"): input_ids, "attention_mask": mask,
-                          "decoder_input_ids": sequences, **extra}
+                kwargs = {"input_ids": fed, "attention_mask": mask, **extra}
+            else:
+                kwargs = {encoder_input: input_ids, "attention_mask": mask, "decoder_input_ids": fed, **extra}
+                if encoded is not None:  # the encoder's output of the first step
+                    kwargs["encoder_outputs"] = (encoded,)
+            if cache is not None:
+                kwargs[cast(str, cache_name)] = cache
             output = model(**kwargs) if params is None else evaluate(model, params, kwargs, info)
             sequences = torch.cat([sequences, output.logits[:, -1].argmax(-1, keepdim=True)], 1)
             if mask is not None and decoder is None:
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            if cache_name is not None:
+                cache = getattr(output, cache_name, None)
+                if decoder is not None:
+                    encoded = getattr(output, "encoder_last_hidden_state", None)
     return sequences, mask
 
 
