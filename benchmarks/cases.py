@@ -45,6 +45,9 @@ class NotApplicable(Exception):
 COMPOSITES = ("gradient", "epsilon", "epsilon_plus", "epsilon_plus_flat", "epsilon_gamma_box")
 LOW, HIGH = -3.0, 3.0
 FAMILIES = ("resnet", "vgg", "mobilenet", "mlp", "transformer")
+#: The families whose compiled implementations run (``run.py --compile-all``: every family; inductor takes minutes
+#: for a ResNet on two cores).
+COMPILED_FAMILIES: tuple[str, ...] = ("mlp",)
 
 
 @dataclasses.dataclass
@@ -251,6 +254,42 @@ def first_lrpfunc(setup: Setup, variant: str, peers: Peers) -> Iterator[Callable
 
 
 @contextlib.contextmanager
+def first_plain_compiled(setup: Setup, variant: str, peers: Peers) -> Iterator[Callable[[], Any]]:
+    """The plain input gradient through ``torch.compile(model)`` (inductor, default options): forward and backward
+    compiled by AOTAutograd, as a compiled training step runs them. Compiled on the first call (its time is reported
+    apart)."""
+    if setup.family not in COMPILED_FAMILIES:
+        raise NotApplicable(f"not compiled for {setup.family} (run.py --compile-all)")
+    model = torch.compile(setup.fresh_model())
+    yield lambda: _input_gradient(model, setup.x, setup.grad_output)
+
+
+@contextlib.contextmanager
+def first_lrpfunc_cached(setup: Setup, variant: str, peers: Peers) -> Iterator[Callable[[], Any]]:
+    """``lrpfunc.cached(attribute(...))``: traced once per signature, the graph replayed."""
+    lrpfunc = _require(peers, "lrpfunc")
+    model = setup.fresh_model()
+    fn = lrpfunc.cached(lrpfunc.attribute(model, lrpfunc_composite(lrpfunc, variant),
+                                          canonizers=lrpfunc_canonizers(lrpfunc, setup)))
+    params = detached_params(model)
+    yield lambda: fn(params, setup.x, setup.grad_output)
+
+
+@contextlib.contextmanager
+def first_lrpfunc_compiled(setup: Setup, variant: str, peers: Peers) -> Iterator[Callable[[], Any]]:
+    """``lrpfunc.compile(attribute(...))``: the traced graph compiled by inductor (default options) on the first
+    call (its time is reported apart)."""
+    lrpfunc = _require(peers, "lrpfunc")
+    if setup.family not in COMPILED_FAMILIES:
+        raise NotApplicable(f"not compiled for {setup.family} (run.py --compile-all)")
+    model = setup.fresh_model()
+    fn = lrpfunc.compile(lrpfunc.attribute(model, lrpfunc_composite(lrpfunc, variant),
+                                           canonizers=lrpfunc_canonizers(lrpfunc, setup)))
+    params = detached_params(model)
+    yield lambda: fn(params, setup.x, setup.grad_output)
+
+
+@contextlib.contextmanager
 def first_zennit(setup: Setup, variant: str, peers: Peers) -> Iterator[Callable[[], Any]]:
     zennit = _require(peers, "zennit")
     model = setup.fresh_model()
@@ -390,6 +429,35 @@ def train_lrpfunc(setup: Setup, variant: str, peers: Peers) -> Iterator[Callable
     yield lambda: grad_fn(params)
 
 
+def _lrpfunc_step(setup: Setup, variant: str, peers: Peers) -> tuple[Any, nn.Module, Callable[..., Any]]:
+    lrpfunc = _require(peers, "lrpfunc")
+    model = setup.fresh_model()
+    fn = lrpfunc.attribute(model, lrpfunc_composite(lrpfunc, variant), canonizers=lrpfunc_canonizers(lrpfunc, setup))
+
+    def step(p: dict[str, Tensor], x: Tensor, grad_output: Tensor) -> dict[str, Tensor]:
+        return torch.func.grad(lambda q: explanation_loss(fn(q, x, grad_output)[1], setup.mask))(p)
+
+    return lrpfunc, model, step
+
+
+@contextlib.contextmanager
+def train_lrpfunc_cached(setup: Setup, variant: str, peers: Peers) -> Iterator[Callable[[], Any]]:
+    """The training step traced once (``lrpfunc.cached(step, model=model)``) and its graph replayed."""
+    lrpfunc, model, step = _lrpfunc_step(setup, variant, peers)
+    fast, params = lrpfunc.cached(step, model=model), detached_params(model)
+    yield lambda: fast(params, setup.x, setup.grad_output)
+
+
+@contextlib.contextmanager
+def train_lrpfunc_compiled(setup: Setup, variant: str, peers: Peers) -> Iterator[Callable[[], Any]]:
+    """The training step's graph compiled by inductor (``lrpfunc.compile(step, model=model)``)."""
+    if setup.family not in COMPILED_FAMILIES:
+        raise NotApplicable(f"not compiled for {setup.family} (run.py --compile-all)")
+    lrpfunc, model, step = _lrpfunc_step(setup, variant, peers)
+    fast, params = lrpfunc.compile(step, model=model), detached_params(model)
+    yield lambda: fast(params, setup.x, setup.grad_output)
+
+
 @contextlib.contextmanager
 def train_zennit(setup: Setup, variant: str, peers: Peers) -> Iterator[Callable[[], Any]]:
     """Zennit's documented second-order recipe: create_graph=True, then the hooks made inactive.
@@ -452,11 +520,14 @@ TASKS: dict[str, Task] = {
         "first-order",
         "first-order attribution (output, relevance) of a batch",
         floor="plain",
-        impls={"plain": first_plain, "lrpfunc": first_lrpfunc, "zennit": first_zennit,
-               "zennit-attributor": first_zennit_attributor, "captum": first_captum},
+        impls={"plain": first_plain, "plain-compiled": first_plain_compiled, "lrpfunc": first_lrpfunc,
+               "lrpfunc-cached": first_lrpfunc_cached, "lrpfunc-compiled": first_lrpfunc_compiled,
+               "zennit": first_zennit, "zennit-attributor": first_zennit_attributor, "captum": first_captum},
         variants=COMPOSITES,
-        note="plain = torch.autograd.grad of the input; 'gradient' = lrpfunc with composite=None "
-             "(its tracing overhead); zennit = hooks registered once outside the timed region; "
+        note="plain = torch.autograd.grad of the input; plain-compiled = the same through torch.compile(model); "
+             "'gradient' = lrpfunc with composite=None (its tracing overhead); lrpfunc-cached = lrpfunc.cached "
+             "(traced once, replayed); lrpfunc-compiled = lrpfunc.compile (inductor; compile time in the first-call "
+             "column of the JSON and the progress lines); zennit = hooks registered once outside the timed region; "
              "zennit-attributor = zennit.attribution.Gradient, which registers and removes the composite "
              "on every call; captum re-attaches its rules and restores the state_dict on every call",
         peer="zennit",
@@ -477,9 +548,12 @@ TASKS: dict[str, Task] = {
         "train-step",
         f"explanation-guided training step: d loss(relevance) / d params ({TRAIN_COMPOSITE})",
         floor="plain",
-        impls={"plain": train_plain, "lrpfunc": train_lrpfunc, "zennit": train_zennit},
+        impls={"plain": train_plain, "lrpfunc": train_lrpfunc, "lrpfunc-cached": train_lrpfunc_cached,
+               "lrpfunc-compiled": train_lrpfunc_compiled, "zennit": train_zennit},
         variants=(TRAIN_COMPOSITE,),
         note="plain = double backprop of the input gradient; lrpfunc = torch.func.grad of the loss; "
+             "lrpfunc-cached / -compiled = that step traced as one graph (lrpfunc.cached/compile(step, model=)), "
+             "replayed / compiled by inductor (torch.compile has no double backward for the plain step); "
              "zennit = its create_graph=True recipe, second pass with composite.inactive()",
         peer="zennit",
     ),

@@ -9,7 +9,7 @@ a forward pass from ``inputs_embeds`` (a fresh leaf that requires grad; paramete
 one logit, and ``inputs_embeds * inputs_embeds.grad``. The plain gradient is the same call on the
 unpatched model; lrpfunc's is ``lrpfunc.attribute(FromEmbeddings(model), composites.attnlrp())`` on the
 unpatched model, called under ``torch.no_grad()`` with a one-hot seed at the same logit (built once, as a
-user would). All three run in one process, in interleaved rounds (``benchmarks.run.time_group``):
+user would); ``lrpfunc-cached`` is that function through ``lrpfunc.cached`` (traced once, replayed). All three run in one process, in interleaved rounds (``benchmarks.run.time_group``):
 :class:`PatchSwitch` records every attribute that LXT's ``monkey_patch`` changed and switches between
 the original and the patched values before each call. lrpfunc is imported from the checkout.
 
@@ -120,10 +120,11 @@ def relevance_call(model: nn.Module, inputs_embeds: Tensor, pick: Callable[[Tens
 
 
 def lrpfunc_call(model: nn.Module, inputs_embeds: Tensor, seed_at: Callable[[Tensor], Tensor],
-                 switch: PatchSwitch, *, recompute: bool = False) -> Callable[[], Tensor]:
+                 switch: PatchSwitch, *, recompute: bool = False, cached: bool = False) -> Callable[[], Tensor]:
     """The same explanation with ``lrpfunc.composites.attnlrp()`` on the unpatched model (LXT's patches off):
     ``lrpfunc.attribute`` built once, called with the parameters (not requiring grad) and a one-hot seed.
-    ``recompute``: the memory mode, the model's layers recomputed in the sweep (``lrpfunc.hf.recompute_layers``)."""
+    ``recompute``: the memory mode, the model's layers recomputed in the sweep (``lrpfunc.hf.recompute_layers``).
+    ``cached``: ``lrpfunc.cached(fn)``, traced once and replayed."""
     import lrpfunc
     import lrpfunc.hf
 
@@ -133,6 +134,8 @@ def lrpfunc_call(model: nn.Module, inputs_embeds: Tensor, seed_at: Callable[[Ten
     if recompute:
         composite = lrpfunc.hf.recompute_layers(model, composite)
     fn = lrpfunc.attribute(wrapper, composite)
+    if cached:
+        fn = lrpfunc.cached(fn)
     with torch.no_grad():
         seed = seed_at(wrapper(inputs_embeds))
 
@@ -170,6 +173,8 @@ def llama_calls() -> tuple[str, dict[str, Callable[[], Tensor]]]:
         for patched, impl in ((False, "gradient"), (True, "lxt")):
             calls[f"{attn}/{impl}"] = relevance_call(model, embeds, pick, switch, patched, use_cache=False)
         calls[f"{attn}/lrpfunc"] = lrpfunc_call(model, embeds, one_hot_at((0, -1, token)), switch)
+        calls[f"{attn}/lrpfunc-cached"] = lrpfunc_call(model, embeds, one_hot_at((0, -1, token)), switch,
+                                                       cached=True)
     return "llama h256 L4 heads 8/4 ff1024 V1000 seq128", calls
 
 
@@ -198,6 +203,7 @@ def bert_calls(sizes: dict[str, Any], seq_len: int) -> dict[str, Callable[[], Te
         calls[f"{attn}/gradient"] = relevance_call(plain, embeds, pick, switch, False)
         calls[f"{attn}/lxt"] = relevance_call(patched, embeds, pick, switch, True)
         calls[f"{attn}/lrpfunc"] = lrpfunc_call(plain, embeds, one_hot_at((0, 0)), switch)
+        calls[f"{attn}/lrpfunc-cached"] = lrpfunc_call(plain, embeds, one_hot_at((0, 0)), switch, cached=True)
     return calls
 
 
@@ -242,7 +248,8 @@ def report(title: str, calls: dict[str, Callable[[], Tensor]], times: dict[str, 
         mem_text = "-" if mem is None else f"{mem / 2**20:.2f}"
         mem_ratio = "-" if mem is None or not memory.get(base) else f"{mem / memory[base]:.2f}"
         lxt = f"{name.split('/')[0]}/lxt"
-        versus = f"{med / statistics.median(times[lxt]):.2f}" if name.endswith("/lrpfunc") and lxt in times else ""
+        ours = "/lrpfunc" in name
+        versus = f"{med / statistics.median(times[lxt]):.2f}" if ours and lxt in times else ""
         lines.append(f"  {name:<16}{med * 1e3:>10.2f}{(q3 - q1) / med:>9.0%}{ratio:>8.2f}"
                      f"{f'{p1:.2f}/{p2:.2f}/{p3:.2f}':>25}{f'{min(paired):.2f}-{max(paired):.2f}':>15}"
                      f"{mem_text:>10}{mem_ratio:>10}{versus:>8}")

@@ -233,7 +233,8 @@ def _run_group(task: Task, setup: Setup, variant: Any, peers: peers_mod.Peers, a
                 t0 = time.perf_counter()
                 call()  # first call outside the timing: a failure is reported, not timed
                 sync()
-                first_calls_s += time.perf_counter() - t0
+                row["first_call_s"] = time.perf_counter() - t0  # a compiled implementation compiles here
+                first_calls_s += row["first_call_s"]
                 calls[impl] = call
             except Exception as exc:
                 row["status"] = _status(exc)
@@ -289,6 +290,8 @@ def progress(row: dict[str, Any]) -> str:
     if row.get("memory_error"):
         mem += f"  peak memory not measured: {row['memory_error']}"
     note = "  (value wrong, see notes)" if row.get("note") else ""
+    if row["impl"].endswith("-compiled") and row.get("first_call_s") is not None:
+        note += f"  (first call, compiling: {row['first_call_s']:.1f} s)"
     peer = f"  {row['peer_ratio']:.2f}x {row['peer']}" if row.get("peer_ratio") is not None else ""
     return (f"  {row['impl']:<17} {1e3 * row['median_s']:9.1f} ms{ratio}  (n={len(row['times_s'])}){spread}"
             f"{mem}{peer}{note}")
@@ -328,6 +331,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-mallopt", action="store_true",
                    help="leave glibc malloc's defaults (freed memory goes back to the kernel; noisier)")
     p.add_argument("--no-lrpfunc", action="store_true", help="measure only the peers and the floor")
+    p.add_argument("--compile-all", action="store_true",
+                   help="compiled implementations for every model (default: mlp100 only; inductor takes minutes "
+                        "for a ResNet on two cores)")
     p.add_argument("--check", action="store_true", help="run the sanity checks before measuring")
     p.add_argument("--check-only", action="store_true", help="run the sanity checks and stop")
     p.add_argument("--out", type=Path, help="write the results as JSON")
@@ -345,6 +351,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.compile_all:
+        cases.COMPILED_FAMILIES = cases.FAMILIES
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     malloc_note = "glibc malloc defaults (--no-mallopt)" if args.no_mallopt else keep_freed_memory()

@@ -99,30 +99,69 @@ def _simplified(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return graph_module
 
 
-def _model_state(model: torch.nn.Module) -> tuple[Any, ...]:
-    """What of the model a trace depends on besides the arguments: its modules and their training flags, and every
-    parameter's and buffer's identity, shape and dtype."""
-    modules = tuple((id(module), module.training) for module in model.modules())
-    tensors = tuple((id(t), tuple(t.shape), t.dtype, t.device)
-                    for t in (*model.parameters(), *model.buffers()))
-    return modules, tensors
+class _ModelState:
+    """What of the model a trace depends on besides the arguments, read cheaply on every call: each module's training
+    flag and children, and the identity, shape, dtype and device of every parameter and buffer that the call does not
+    give in ``params`` (those the trace reads from the model; a given one is an input of the graph, and its signature
+    is part of the key already). The modules are listed once and listed again only when a module's children change (a
+    module added, removed or replaced)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self._list()
+
+    def _list(self) -> None:
+        self.modules: list[torch.nn.Module] = list(self.model.modules())
+        self.children = self._children()
+        # every parameter and buffer slot by qualified name (shared modules under their first name, as named_modules)
+        self.slots = [(f"{prefix}.{local}" if prefix else local, tensors, local)
+                      for prefix, module in self.model.named_modules()
+                      for tensors in (module._parameters, module._buffers) for local in tensors]
+        self.read: dict[tuple[str, ...], list[tuple[dict[str, Any], str]]] = {}
+
+    def _children(self) -> tuple[int, ...]:
+        return tuple([id(child) for module in self.modules for child in module._modules.values()])
+
+    def key(self, given: tuple[str, ...]) -> tuple[Any, ...]:
+        """The state, for a call whose ``params`` has the names ``given``."""
+        children = self._children()
+        if children != self.children:  # the structure changed: list the modules anew
+            self._list()
+        read = self.read.get(given)
+        if read is None:  # the slots the call reads from the model
+            names = set(given)
+            read = self.read[given] = [(tensors, local) for name, tensors, local in self.slots if name not in names]
+        try:
+            tensors_read = tuple([(id(t), t.shape, t.dtype, t.device) if (t := tensors[local]) is not None else None
+                                  for tensors, local in read])
+        except KeyError:  # a parameter or buffer was deleted: list anew
+            self._list()
+            return self.key(given)
+        return tuple([module.training for module in self.modules]), self.children, tensors_read
 
 
-def _wrap(fn: Callable[..., tuple[Any, Any]], model: torch.nn.Module,
-          finish: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Callable[..., tuple[Any, Any]]:
+def _wrap(fn: Callable[..., Any], model: torch.nn.Module,
+          finish: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Callable[..., Any]:
     plan = Plan()
     lock = threading.Lock()
+    state = _ModelState(model)
 
-    def planned(params: Mapping[str, Tensor], x: Any, grad_output: Any) -> tuple[Any, Any]:
-        arguments: Any = (dict(params), x, grad_output)
-        leaves, spec = optree.tree_flatten(arguments, none_is_leaf=True)
-        outside = _functorch.transforms_active() or (
-            torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in leaves)
-        )
+    def planned(params: Mapping[str, Tensor], x: Any, grad_output: Any) -> Any:
+        try:  # the parameters' signature in one pass (a model has many): shape, dtype, device, layout, requires_grad
+            given = tuple([(t.shape, t.dtype, t.device, t.layout, t.requires_grad) for t in params.values()])
+        except AttributeError:  # not a mapping of tensors: the function says what is wrong
+            return fn(params, x, grad_output)
+        leaves, spec = optree.tree_flatten((x, grad_output), none_is_leaf=True)
+        grad_mode = torch.is_grad_enabled()
+        outside = _functorch.transforms_active() or (grad_mode and (
+            any(signature[4] for signature in given)
+            or any(isinstance(t, Tensor) and t.requires_grad for t in leaves)
+        ))
         if outside or callable(grad_output):
             plan.misses += 1
             return fn(params, x, grad_output)
-        key = (spec, tuple(_signature(leaf) for leaf in leaves), torch.is_grad_enabled(), _model_state(model))
+        names = tuple(params)
+        key = (names, given, spec, tuple([_signature(leaf) for leaf in leaves]), grad_mode, state.key(names))
         graph = plan.graphs.get(key)
         if graph is None:
             if key in plan.eager:
@@ -148,17 +187,24 @@ def _wrap(fn: Callable[..., tuple[Any, Any]], model: torch.nn.Module,
     return planned
 
 
-def _model_of(where: str, fn: Any) -> torch.nn.Module:
-    model = getattr(fn, "model", None)
-    if not isinstance(model, torch.nn.Module):
+def _model_of(where: str, fn: Any, model: torch.nn.Module | None = None) -> torch.nn.Module:
+    if model is not None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"{where}: model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(fn):
+            raise TypeError(f"{where}: expected a function of (params, x, grad_output), got {type(fn).__name__}")
+        return model
+    found = getattr(fn, "model", None)
+    if not isinstance(found, torch.nn.Module):
         raise TypeError(
             f"{where}: expected a function made by lrpfunc.attribute (or attribute_layers, ...), got "
-            f"{type(fn).__name__}{' without its model' if callable(fn) else ''}"
+            f"{type(fn).__name__}{' without its model' if callable(fn) else ''}; for a function built on one (an "
+            f"explanation-guided training step), pass model="
         )
-    return model
+    return found
 
 
-def cached(fn: Callable[..., tuple[Any, Any]]) -> Callable[..., tuple[Any, Any]]:
+def cached(fn: Callable[..., Any], *, model: torch.nn.Module | None = None) -> Callable[..., Any]:
     """``fn`` (from :func:`lrpfunc.attribute`) with its calls traced once per signature and replayed.
 
     Definition:
@@ -169,26 +215,35 @@ def cached(fn: Callable[..., tuple[Any, Any]]) -> Callable[..., tuple[Any, Any]]
         value into Python run ``fn`` itself. ``cached(fn).plan`` counts traces, hits and misses and says why a
         signature runs eagerly.
 
+        Any function of ``(params, x, grad_output)`` built on an attribution of ``model`` and on ``torch.func``
+        transforms of it is traced the same way when ``model=`` names the model: an explanation-guided training step
+        ``torch.func.grad(loss)`` becomes one graph of the forward pass, the modified backward pass and its
+        derivative (the transform is traced, not run around the plan).
+
     Raises:
-        TypeError: ``fn`` is not an attribution function of this package.
+        TypeError: ``fn`` is not an attribution function of this package and no ``model`` is given.
 
     Example:
         >>> fast = lrpfunc.cached(lrpfunc.attribute(model, composites.epsilon_plus()))
         >>> for x, y in loader:
         ...     _, relevance = fast(params, x, torch.nn.functional.one_hot(y, 10).to(x))
+        >>> step = lrpfunc.compile(lambda p, x, g: torch.func.grad(lambda p: loss(fn(p, x, g)[1]))(p), model=model)
     """
-    return _wrap(fn, _model_of("cached", fn), lambda graph: graph)
+    return _wrap(fn, _model_of("cached", fn, model), lambda graph: graph)
 
 
-def compile(fn: Callable[..., tuple[Any, Any]], **options: Any) -> Callable[..., tuple[Any, Any]]:  # noqa: A001
+def compile(  # noqa: A001
+    fn: Callable[..., Any], *, model: torch.nn.Module | None = None, **options: Any
+) -> Callable[..., Any]:
     """:func:`cached`, with each traced graph compiled by ``torch.compile(graph, **options)`` (e.g.
     ``mode="reduce-overhead"`` for CUDA graphs on a GPU). Compilation happens on the first call of each signature;
-    the compiled plan gives the eager result to float rounding (inductor may fuse and reorder arithmetic).
+    the compiled plan gives the eager result to float rounding (inductor may fuse and reorder arithmetic). ``model``:
+    as for :func:`cached` (a training step built on an attribution).
 
     Raises:
-        TypeError: ``fn`` is not an attribution function of this package.
+        TypeError: ``fn`` is not an attribution function of this package and no ``model`` is given.
     """
-    return _wrap(fn, _model_of("compile", fn), lambda graph: torch.compile(graph, **options))
+    return _wrap(fn, _model_of("compile", fn, model), lambda graph: torch.compile(graph, **options))
 
 
 class _Explainer(torch.nn.Module):

@@ -80,6 +80,34 @@ def test_new_values_reuse_the_plan_and_what_the_trace_cannot_see_makes_a_new_one
     assert fast.plan.traces == 4
 
 
+def test_a_changed_structure_or_a_tensor_the_call_does_not_give_makes_a_new_plan() -> None:
+    model, x, g = _mlp()
+    fn = lrpfunc.attribute(model, composites.epsilon_plus())
+    fast = lrpfunc.cached(fn)
+    params = _params(model)
+    partial = {name: value for name, value in params.items() if not name.endswith(".bias")}
+    fast(partial, x, g)
+    with torch.no_grad():  # a bias the call does not give, read from the model: the same object changes in place
+        next(t for name, t in model.named_parameters() if name.endswith(".bias")).add_(1.0)
+    torch.testing.assert_close(fast(partial, x, g)[1], fn(partial, x, g)[1], rtol=1e-12, atol=1e-14)
+    assert fast.plan.traces == 1
+    name, module = next((name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear))
+    module.bias = nn.Parameter(module.bias.detach() - 2.0)  # a parameter the call does not give, replaced
+    torch.testing.assert_close(fast(partial, x, g)[1], fn(partial, x, g)[1], rtol=1e-12, atol=1e-14)
+    assert fast.plan.traces == 2
+    fast(params, x, g)  # all given: the model's own tensors are not read
+    module.bias = nn.Parameter(module.bias.detach() + 5.0)
+    fast(params, x, g)
+    assert fast.plan.traces == 3
+    parent, _, local = name.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    replacement = nn.Linear(module.in_features, module.out_features).double()
+    setattr(owner, local, replacement)  # a module replaced: the structure changed, a new plan
+    params = _params(model)
+    torch.testing.assert_close(fast(params, x, g)[1], fn(params, x, g)[1], rtol=1e-12, atol=1e-14)
+    assert fast.plan.traces == 4
+
+
 def test_a_forward_that_reads_a_value_runs_eagerly_and_follows_its_branch() -> None:
     class Branchy(nn.Module):
         def __init__(self) -> None:
@@ -143,6 +171,30 @@ def test_cached_refuses_what_is_not_an_attribution_function() -> None:
         lrpfunc.cached(lambda params, x, g: (x, x))
     with pytest.raises(TypeError, match=r"compile: expected a function made by lrpfunc.attribute .*got int"):
         lrpfunc.compile(3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"cached: model must be a torch.nn.Module, got str"):
+        lrpfunc.cached(lambda params, x, g: (x, x), model="net")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"cached: expected a function of \(params, x, grad_output\), got int"):
+        lrpfunc.cached(3, model=nn.Linear(2, 2))  # type: ignore[arg-type]
+
+
+def test_a_training_step_traced_as_one_graph_equals_the_eager_step() -> None:
+    """``torch.func.grad`` of an explanation loss, traced with the attribution inside: the forward pass, the modified
+    backward pass and its derivative w.r.t. the parameters in one graph, replayed for new values."""
+    model, x, g = _mlp()
+    fn = lrpfunc.attribute(model, composites.epsilon_plus())
+
+    def step(params: dict[str, torch.Tensor], x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+        return torch.func.grad(lambda p: fn(p, x, g)[1].square().sum())(params)
+
+    fast = lrpfunc.cached(step, model=model)
+    params = _params(model)
+    for scale in (1.0, 0.5):
+        values = {name: value * scale for name, value in params.items()}
+        got, expected = fast(values, x * scale, g), step(values, x * scale, g)
+        assert set(got) == set(expected) and got["a.weight"].abs().max() > 0
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-12, atol=1e-14)
+    assert fast.plan.traces == 1 and fast.plan.hits == 2
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's own, while exporting
