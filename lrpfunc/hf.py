@@ -487,7 +487,8 @@ def attribute_generation(
 
     Args:
         model: A HuggingFace causal language model, or an encoder-decoder (T5, BART: the prompt goes to the encoder
-            and the decoder generates from its ``decoder_start_token_id``), as for :func:`attribute_tokens`.
+            and the decoder generates from its ``decoder_start_token_id``; Whisper: the first argument of ``explain``
+            is then ``input_features`` ``(B, n_mels, T)``), as for :func:`attribute_tokens`.
         composite: The rules, e.g. :func:`lrpfunc.composites.attnlrp`; ``None`` for the plain gradient.
         canonizers: Canonizers, as for :func:`lrpfunc.attribute`.
         positions: Report the relevance of position embeddings (learned, or rotary with
