@@ -151,7 +151,8 @@ def _wrap(fn: Callable[..., Any], model: torch.nn.Module,
             given = tuple([(t.shape, t.dtype, t.device, t.layout, t.requires_grad) for t in params.values()])
         except AttributeError:  # not a mapping of tensors: the function says what is wrong
             return fn(params, x, grad_output)
-        leaves, spec = optree.tree_flatten((x, grad_output), none_is_leaf=True)
+        arguments: Any = (x, grad_output)
+        leaves, spec = optree.tree_flatten(arguments, none_is_leaf=True)
         grad_mode = torch.is_grad_enabled()
         outside = _functorch.transforms_active() or (grad_mode and (
             any(signature[4] for signature in given)
