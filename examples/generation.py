@@ -8,9 +8,11 @@ it the model used; and a number that says whether a method's answer reflects wha
 2. trains a tiny ``LlamaForCausalLM`` (random weights from a config, float32: hidden size 64, 2 layers, 4 heads) for a
    few seconds and reports how many held-out prompts it copies exactly;
 3. explains every generated token at once with ``lrpfunc.hf.attribute_generation`` (one forward pass per prompt,
-   ``vmap`` over the generated tokens) under AttnLRP and CP-LRP, and draws the matrix (generated tokens as rows,
-   the tokens before them as columns) as ``attnlrp.png`` and, with CP-LRP beside it, ``generation.html``;
-4. scores four attributions per generated token: AttnLRP, CP-LRP, input x gradient and the gradient (both w.r.t. the
+   ``vmap`` over the generated tokens) under AttnLRP, CP-LRP and AttnLRP with PA-LRP's rotary positions
+   (``attnlrp(rotary_positions=True)``: the positions take a share, the tokens the rest), and draws the matrix
+   (generated tokens as rows, the tokens before them as columns) as ``attnlrp.png`` and, with the others beside it,
+   ``generation.html``;
+4. scores five attributions per generated token: the three above, input x gradient and the gradient (both w.r.t. the
    embeddings, summed over the hidden size), plus random. Two measures: the ABPC of ``lrpfunc.evaluate`` (for
    generated token ``n``, the tokens before it set to 0 one at a time, most- and least-relevant-first, the score being
    the token's logit with the generated prefix kept as it was) averaged over the generated tokens, and the evidence hit
@@ -129,8 +131,9 @@ def main(argv: list[str] | None = None, *, fast: bool = False) -> dict:
 
     # 1. every generated token explained from one forward pass per prompt
     explained = time.perf_counter()
-    results = {name: lrpfunc.hf.attribute_generation(model, composite)(prompts, LENGTH)
-               for name, composite in (("AttnLRP", composites.attnlrp()), ("CP-LRP", composites.cp_lrp()))}
+    methods = (("AttnLRP", composites.attnlrp()), ("CP-LRP", composites.cp_lrp()),
+               ("AttnLRP, rotary positions (PA-LRP)", composites.attnlrp(rotary_positions=True)))
+    results = {name: lrpfunc.hf.attribute_generation(model, composite)(prompts, LENGTH) for name, composite in methods}
     explain_seconds = time.perf_counter() - explained
     sequences = results["AttnLRP"].sequences
     copied = (sequences[:, prompt:] == prompts[:, :LENGTH]).all(1).float().mean().item()
@@ -194,7 +197,7 @@ def main(argv: list[str] | None = None, *, fast: bool = False) -> dict:
 
     print(f"trained in {train_seconds:.1f} s (last loss {loss:.4f}); {copied:.3f} of {count} held-out prompts copied "
           f"exactly")
-    print(f"attribute_generation: {count} prompts x {LENGTH} generated tokens, AttnLRP and CP-LRP, in "
+    print(f"attribute_generation: {count} prompts x {LENGTH} generated tokens, {len(methods)} composites, in "
           f"{explain_seconds:.1f} s")
     print("\n".join(table))
     print(notes)

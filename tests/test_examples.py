@@ -255,7 +255,7 @@ def test_generation(tmp_path: Path) -> None:
     assert result["top1_on_evidence"]["random"] < 0.3
     assert _valid_png(result["png"])[0] > 100
     page = Path(result["html"]).read_text(encoding="utf-8")
-    assert page.startswith("<!DOCTYPE html>") and page.count("<table") == 2 and "&lt;sep&gt;" in page
+    assert page.startswith("<!DOCTYPE html>") and page.count("<table") == 3 and "&lt;sep&gt;" in page
 
 
 def test_speech(tmp_path: Path) -> None:
