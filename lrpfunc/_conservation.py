@@ -50,7 +50,8 @@ class ConservationReport:
     Attributes:
         rows: One :class:`SiteRelevance` per site that relevance reached.
         total_in: The sum of ``grad_output``.
-        total_out: The sum of the input relevance (over every input leaf).
+        total_out: The sum of the input relevance (over every input leaf, and the outputs of source calls: see
+            :func:`lrpfunc.composites.with_sources`).
     """
 
     rows: tuple[SiteRelevance, ...]
@@ -129,9 +130,9 @@ def conservation(
             grad_leaves = check_grad_output(where, trace.output, grad_output)
             cotangents = sweep(trace, _seeds(trace, grad_leaves), recorder=record)
         leaves = optree.tree_leaves(x, none_is_leaf=True)
-        total_out = sum(
-            float(cotangents[vid].sum()) for vid in trace.input_ids if vid is not None and vid in cotangents
-        )
+        # what reaches the inputs, and the sources (outputs of calls that the composite made inputs, with_sources)
+        reached = [*trace.input_ids, *(vid for _, vids in trace.source_ids for vid in vids)]
+        total_out = sum(float(cotangents[vid].sum()) for vid in reached if vid is not None and vid in cotangents)
         total_in = sum(float(g.sum()) for g in grad_leaves)
         del leaves
         return ConservationReport(tuple(row for _, row in sorted(rows, key=lambda item: item[0])), total_in, total_out)

@@ -205,3 +205,9 @@ def test_the_rule_table_lists_a_source() -> None:
     assert table.covered_by("rotary") is None
     assert table.rule_of("rotary") is None
     assert "(source)" not in str(lrpfunc.rule_table(Rotated(), composites.attnlrp(), _x()))
+
+
+def test_the_conservation_report_counts_what_the_sources_take() -> None:
+    model, x = Rotated(), _x()
+    report = lrpfunc.conservation(model, composites.attnlrp(rotary_positions=True))({}, x, model(x))
+    assert report.total_out == pytest.approx(report.total_in, rel=1e-12)
