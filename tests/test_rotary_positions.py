@@ -211,3 +211,13 @@ def test_the_conservation_report_counts_what_the_sources_take() -> None:
     model, x = Rotated(), _x()
     report = lrpfunc.conservation(model, composites.attnlrp(rotary_positions=True))({}, x, model(x))
     assert report.total_out == pytest.approx(report.total_in, rel=1e-12)
+
+
+def test_the_memory_mode_gives_the_same_rotary_positions() -> None:
+    model = _llama()
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(2))
+    composite = composites.attnlrp(rotary_positions=True)
+    one_pass = lrpfunc.hf.attribute_tokens(model, composite)(ids)
+    recomputed = lrpfunc.hf.attribute_tokens(model, lrpfunc.hf.recompute_layers(model, composite))(ids)
+    torch.testing.assert_close(recomputed.positions, one_pass.positions, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(recomputed.tokens, one_pass.tokens, rtol=1e-10, atol=1e-12)
