@@ -244,11 +244,17 @@ def first_plain(setup: Setup, variant: str, peers: Peers) -> Iterator[Callable[[
     yield lambda: _input_gradient(model, setup.x, setup.grad_output)
 
 
-@contextlib.contextmanager
-def first_lrpfunc(setup: Setup, variant: str, peers: Peers) -> Iterator[Callable[[], Any]]:
+def _attribution(setup: Setup, variant: str, peers: Peers) -> tuple[Any, nn.Module, Callable[..., Any]]:
+    """lrpfunc, a fresh model and ``lrpfunc.attribute`` of it with the variant's composite and canonizers."""
     lrpfunc = _require(peers, "lrpfunc")
     model = setup.fresh_model()
     fn = lrpfunc.attribute(model, lrpfunc_composite(lrpfunc, variant), canonizers=lrpfunc_canonizers(lrpfunc, setup))
+    return lrpfunc, model, fn
+
+
+@contextlib.contextmanager
+def first_lrpfunc(setup: Setup, variant: str, peers: Peers) -> Iterator[Callable[[], Any]]:
+    _, model, fn = _attribution(setup, variant, peers)
     params = detached_params(model)
     yield lambda: fn(params, setup.x, setup.grad_output)
 
@@ -267,26 +273,20 @@ def first_plain_compiled(setup: Setup, variant: str, peers: Peers) -> Iterator[C
 @contextlib.contextmanager
 def first_lrpfunc_cached(setup: Setup, variant: str, peers: Peers) -> Iterator[Callable[[], Any]]:
     """``lrpfunc.cached(attribute(...))``: traced once per signature, the graph replayed."""
-    lrpfunc = _require(peers, "lrpfunc")
-    model = setup.fresh_model()
-    fn = lrpfunc.cached(lrpfunc.attribute(model, lrpfunc_composite(lrpfunc, variant),
-                                          canonizers=lrpfunc_canonizers(lrpfunc, setup)))
-    params = detached_params(model)
-    yield lambda: fn(params, setup.x, setup.grad_output)
+    lrpfunc, model, fn = _attribution(setup, variant, peers)
+    fast, params = lrpfunc.cached(fn), detached_params(model)
+    yield lambda: fast(params, setup.x, setup.grad_output)
 
 
 @contextlib.contextmanager
 def first_lrpfunc_compiled(setup: Setup, variant: str, peers: Peers) -> Iterator[Callable[[], Any]]:
     """``lrpfunc.compile(attribute(...))``: the traced graph compiled by inductor (default options) on the first
     call (its time is reported apart)."""
-    lrpfunc = _require(peers, "lrpfunc")
     if setup.family not in COMPILED_FAMILIES:
         raise NotApplicable(f"not compiled for {setup.family} (run.py --compile-all)")
-    model = setup.fresh_model()
-    fn = lrpfunc.compile(lrpfunc.attribute(model, lrpfunc_composite(lrpfunc, variant),
-                                           canonizers=lrpfunc_canonizers(lrpfunc, setup)))
-    params = detached_params(model)
-    yield lambda: fn(params, setup.x, setup.grad_output)
+    lrpfunc, model, fn = _attribution(setup, variant, peers)
+    fast, params = lrpfunc.compile(fn), detached_params(model)
+    yield lambda: fast(params, setup.x, setup.grad_output)
 
 
 @contextlib.contextmanager
@@ -415,29 +415,22 @@ def train_plain(setup: Setup, variant: str, peers: Peers) -> Iterator[Callable[[
     yield call
 
 
-@contextlib.contextmanager
-def train_lrpfunc(setup: Setup, variant: str, peers: Peers) -> Iterator[Callable[[], Any]]:
-    lrpfunc = _require(peers, "lrpfunc")
-    model = setup.fresh_model()
-    fn = lrpfunc.attribute(model, lrpfunc_composite(lrpfunc, variant), canonizers=lrpfunc_canonizers(lrpfunc, setup))
-    params = detached_params(model)
-
-    def loss(p: dict[str, Tensor]) -> Tensor:
-        return explanation_loss(fn(p, setup.x, setup.grad_output)[1], setup.mask)
-
-    grad_fn = torch.func.grad(loss)
-    yield lambda: grad_fn(params)
-
-
 def _lrpfunc_step(setup: Setup, variant: str, peers: Peers) -> tuple[Any, nn.Module, Callable[..., Any]]:
-    lrpfunc = _require(peers, "lrpfunc")
-    model = setup.fresh_model()
-    fn = lrpfunc.attribute(model, lrpfunc_composite(lrpfunc, variant), canonizers=lrpfunc_canonizers(lrpfunc, setup))
+    """lrpfunc, a fresh model and the training step ``(params, x, grad_output) -> d loss / d params`` on it."""
+    lrpfunc, model, fn = _attribution(setup, variant, peers)
 
     def step(p: dict[str, Tensor], x: Tensor, grad_output: Tensor) -> dict[str, Tensor]:
         return torch.func.grad(lambda q: explanation_loss(fn(q, x, grad_output)[1], setup.mask))(p)
 
     return lrpfunc, model, step
+
+
+@contextlib.contextmanager
+def train_lrpfunc(setup: Setup, variant: str, peers: Peers) -> Iterator[Callable[[], Any]]:
+    """The training step eagerly: ``torch.func.grad`` of the loss, the attribution traced on every call."""
+    _, model, step = _lrpfunc_step(setup, variant, peers)
+    params = detached_params(model)
+    yield lambda: step(params, setup.x, setup.grad_output)
 
 
 @contextlib.contextmanager

@@ -317,6 +317,23 @@ def _run(
     return trace.output, optree.tree_unflatten(spec, relevance)
 
 
+def _source_key(name: str, position: int, count: int) -> str:
+    """The key of a source call's output in the parameter relevance: the module's name, ``name[i]`` for the ``i``-th
+    of several tensor outputs."""
+    return name if count == 1 else f"{name}[{position}]"
+
+
+def source_relevance(relevances: Mapping[str, Tensor], name: str) -> list[Tensor]:
+    """The relevance that :func:`attribute_with_params` reported for the outputs of the source module ``name``
+    (:func:`lrpfunc.composites.with_sources`), one tensor per output; empty if it reported none."""
+    if name in relevances:
+        return [relevances[name]]
+    found: list[Tensor] = []
+    while (key := _source_key(name, len(found), 2)) in relevances:
+        found.append(relevances[key])
+    return found
+
+
 def _source_relevance(trace: Trace, cotangents: Mapping[int, Tensor], relevances: dict[str, Tensor]) -> None:
     """Add the relevance of each source call's outputs (:func:`lrpfunc.composites.with_sources`) to ``relevances``,
     under the module's name (``name[i]`` for the ``i``-th of several tensor outputs); calls of one module add up."""
@@ -324,7 +341,7 @@ def _source_relevance(trace: Trace, cotangents: Mapping[int, Tensor], relevances
         for position, vid in enumerate(vids):
             if vid is None:
                 continue
-            key = name if len(vids) == 1 else f"{name}[{position}]"
+            key = _source_key(name, position, len(vids))
             found = cotangents.get(vid)
             value = found if found is not None else torch.zeros_like(trace.low[vid])
             relevances[key] = relevances[key] + value if key in relevances else value

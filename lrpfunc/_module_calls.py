@@ -52,7 +52,7 @@ def record_module_call(tracer: Tracer, module: torch.nn.Module, args: tuple[Any,
         if tracer.record_sites:
             site = CallSite("module", module_index, name, module, None, None, index, tracer.next_order(), None)
             tracer.sites.append((site, None, SOURCE))
-        return record_source_call(tracer, module, name, args, kwargs, observed)
+        return record_constant_call(tracer, module, name, args, kwargs, observed, source=True)
     if tracer.merge_batchnorm and is_batchnorm(module):
         merged = try_merge(tracer, module, module_index, index, name, args, kwargs)
         if merged is not NOT_MERGED:
@@ -154,31 +154,28 @@ def reads_activation(tracer: Tracer, args: tuple[Any, ...], kwargs: dict[str, An
 
 
 def record_constant_call(tracer: Tracer, module: torch.nn.Module, name: str, args: tuple[Any, ...],
-                         kwargs: dict[str, Any], observed: str | None) -> Any:
+                         kwargs: dict[str, Any], observed: str | None, *, source: bool = False) -> Any:
     """A module call on constants alone (a learned query, a position table, an encoder fed token ids while the
     relevance goes to the decoder's embeddings): no relevance passes through it, so it is no call site, like an
     operation on constants; its output is a constant. A submodule or operation inside it that does read an
-    activation is a call site of its own."""
+    activation is a call site of its own. ``source``: the call's outputs are sources
+    (:func:`lrpfunc.composites.with_sources`): each floating-point tensor it returns enters the pass as a fresh input,
+    whose relevance the sweep keeps (:func:`enter_sources`)."""
     tracer.stack.append(name)
     try:
         output = MODULE_CALL(module, *args, **kwargs)
     finally:
         tracer.stack.pop()
+    if source:
+        output = enter_sources(tracer, name, output)
     if observed is not None:
         add_observation(tracer, observed, output)
     return output
 
 
-def record_source_call(tracer: Tracer, module: torch.nn.Module, name: str, args: tuple[Any, ...],
-                       kwargs: dict[str, Any], observed: str | None) -> Any:
-    """A call of a module whose outputs are sources (:func:`lrpfunc.composites.with_sources`): it runs like a call on
-    constants (no site, nothing propagates into it), and each floating-point tensor it returns enters the pass as a
-    fresh input, whose relevance the sweep keeps (``Trace.source_ids``)."""
-    tracer.stack.append(name)
-    try:
-        output = MODULE_CALL(module, *args, **kwargs)
-    finally:
-        tracer.stack.pop()
+def enter_sources(tracer: Tracer, name: str, output: Any) -> Any:
+    """``output`` of the source call ``name`` with each floating-point tensor replaced by a fresh input of the pass
+    (a cut and a piece of its own), noted in ``tracer.source_ids``."""
     vids: list[int | None] = []
 
     def enter(leaf: Any) -> Any:
@@ -199,8 +196,6 @@ def record_source_call(tracer: Tracer, module: torch.nn.Module, name: str, args:
     finally:
         tracer.raw -= 1
     tracer.source_ids.append((name, vids))
-    if observed is not None:
-        add_observation(tracer, observed, output)
     return output
 
 

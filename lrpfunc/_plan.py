@@ -111,11 +111,12 @@ class _ModelState:
         self._list()
 
     def _list(self) -> None:
-        self.modules: list[torch.nn.Module] = list(self.model.modules())
+        named = list(self.model.named_modules())  # a shared module once, under its first name
+        self.modules: list[torch.nn.Module] = [module for _, module in named]
         self.children = self._children()
-        # every parameter and buffer slot by qualified name (shared modules under their first name, as named_modules)
+        # every parameter and buffer slot by qualified name
         self.slots = [(f"{prefix}.{local}" if prefix else local, tensors, local)
-                      for prefix, module in self.model.named_modules()
+                      for prefix, module in named
                       for tensors in (module._parameters, module._buffers) for local in tensors]
         self.read: dict[tuple[str, ...], list[tuple[dict[str, Any], str]]] = {}
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import composites as _composites
-from ._attribute import attribute, attribute_with_params
+from ._attribute import attribute, attribute_with_params, source_relevance
 from ._composite import Composite, sources_of
 from ._functionalize import evaluate
 from ._model import ModelInfo
@@ -315,9 +315,9 @@ def attribute_tokens(
                 taken = torch.zeros(embedded.shape[:-1] if not speech else (embedded.shape[0], 0),
                                     dtype=embedded.dtype, device=embedded.device)
                 taken_decoder = torch.zeros(decoded.shape[:-1], dtype=decoded.dtype, device=decoded.device)
-                for key, table in by_param.items():
-                    if any(key == name or key.startswith(f"{name}[") for name in rotary_names):
-                        taken = taken + table.sum(-1)  # (cos, sin) of shape (1 or B, L, head dim)
+                for name in rotary_names:
+                    for table in source_relevance(by_param, name):  # cos and sin: (1 or B, L, head dim)
+                        taken = taken + table.sum(-1)
                 for name in position_names:
                     if name in by_param:
                         if name in decoder_tables:
