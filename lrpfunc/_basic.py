@@ -284,13 +284,19 @@ class BasicRule:
         return call.pullback(grad_outputs)
 
     def _zero_terms(self, call: Call, with_params: bool) -> frozenset[int]:
-        """The terms that are exactly zero and can be left out: only when nothing differentiates the result, for a
-        rule that accepts it (:attr:`zero_terms`), on one linear operation (so that ``f(0; theta) = 0`` once the bias
-        is zeroed), for the negative part of an input known to have none (``x^-`` after a ReLU). Known from the record
-        (:attr:`Call.nonnegative_inputs`), never from the values, so that the attribution can be traced."""
-        if not self.zero_terms or not call.linear or with_params or len(call.inputs) != 1 or not values_only():
+        """The terms that are exactly zero and can be left out: for a rule that accepts it (:attr:`zero_terms`), on one
+        linear operation (so that ``f(0; theta) = 0`` once the bias is zeroed), for the negative part of an input known
+        to have none (``x^-`` after a ReLU). Known from the record (:attr:`Call.nonnegative_inputs`), never from the
+        values, so that the attribution can be traced.
+
+        The term's value is zero; its derivatives are zero too where the input is flat at zero
+        (:attr:`Call.flat_at_zero_inputs`: after a ReLU, but not after ``clamp(min=0)``, whose derivative at 0 is 1).
+        For any other non-negative input the term is left out only when nothing differentiates the result."""
+        if not self.zero_terms or not call.linear or with_params or len(call.inputs) != 1:
             return frozenset()
         if not call.nonnegative_inputs or not call.nonnegative_inputs[0]:
+            return frozenset()
+        if not (call.flat_at_zero_inputs and call.flat_at_zero_inputs[0]) and not values_only():
             return frozenset()
         has_bias = "bias" in call.params
         return frozenset(
@@ -414,8 +420,9 @@ def basic(
             (a gradient mapper may then return ``None`` for such a triple, whose output it only reads).
         zero_terms: The gradient mapper and the reducer accept ``None`` for the output and the gradient of a triple
             whose input modifier is :func:`positive_part` or :func:`negative_part` of an input that has no such
-            part, on a linear call with that triple's bias zeroed: such a term is exactly zero, and is left out when
-            nothing differentiates the result.
+            part, on a linear call with that triple's bias zeroed: such a term is exactly zero, and is left out. Where
+            something differentiates the result, only for an input flat at zero (after a ReLU, whose derivative at 0
+            is 0; :attr:`lrpfunc.Call.flat_at_zero_inputs`), where every derivative of the term is zero as well.
         gradient_form: ``"pullback"`` declares that the rule is ``R_in = x * J^T (R / z)`` with the call's true
             Jacobian and a division without stabilizer (:func:`lrpfunc._stabilize.ratio`: zero outputs pass nothing),
             ``"modified"`` the same with the statistics held (``hold_statistics``): the sweep may then propagate

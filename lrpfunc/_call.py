@@ -55,6 +55,9 @@ class Call:
             (``ops.Softmax`` for attention weights, ``ops.Elementwise`` for a gate); ``None`` for the model's inputs.
         nonnegative_inputs: For each input, whether it is known to have no negative part from the operations that
             made it (the output of a ReLU, a max pool of one, ...; :mod:`lrpfunc._facts`), never from its values.
+        flat_at_zero_inputs: For each input, whether it is moreover known to be flat at zero: every derivative through
+            it is zero wherever it is zero (a ReLU's output, whose derivative at 0 is 0; not ``clamp(min=0)``'s, whose
+            derivative at 0 is 1). A term in its negative part is then zero with all its derivatives.
     """
 
     name: str
@@ -72,6 +75,7 @@ class Call:
     _transpose: Callable[[Tensor, Mapping[str, Tensor]], Tensor] | None = field(default=None, repr=False)
     nonnegative_inputs: tuple[bool, ...] = ()
     _arguments: Any = field(default=None, repr=False)
+    flat_at_zero_inputs: tuple[bool, ...] = ()
 
     def module_arguments(self, inputs: Sequence[Tensor]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """For a rule that runs the module again (its trait ``recomputes``): the call's ``(args, kwargs)`` with

@@ -343,8 +343,11 @@ def class_of(tracer: Tracer, func: Callable[..., Any], fn: Callable[..., Any], l
 def note_nonnegative(tracer: Tracer, func: Callable[..., Any], op_class: type | None, leaves: list[Any], spec: Any,
                      vids: list[int | None], outputs: Sequence[int]) -> None:
     """Note the ``outputs`` of ``func`` as non-negative where the operation makes them so (a static fact)."""
-    if outputs and static_facts.nonnegative(func, op_class, leaves, spec, vids, tracer.nonnegative):
-        tracer.nonnegative.update(outputs)
+    if not outputs:
+        return
+    sign = static_facts.sign_of(func, op_class, leaves, spec, vids, tracer.nonnegative)
+    if sign:
+        tracer.nonnegative.update(dict.fromkeys(outputs, sign))
 
 
 def run_vjp(tracer: Tracer, fn: Callable[..., Any], leaves: list[Any], spec: Any,

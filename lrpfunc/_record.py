@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import optree
 import torch
@@ -14,6 +14,9 @@ from . import ops as _ops
 from ._composite import CallSite
 from ._tape import Tape
 from ._traits import RuleTraits
+
+if TYPE_CHECKING:
+    from ._facts import Sign
 
 Tensor = torch.Tensor
 
@@ -290,7 +293,7 @@ class Trace:
             left on the tape): they propagate gradients.
         leaf_of, origin: A cut value's lifted leaf, and back.
         param_names: Value id of each parameter or buffer to its qualified name.
-        nonnegative: Values known to have no negative part (:mod:`lrpfunc._facts`).
+        nonnegative: Values known to have no negative part, with what is known (:class:`lrpfunc._facts.Sign`).
         static_origin: Value id of a constant computed inside a module call (from parameters and buffers alone, like a
             position embedding) to that module's name.
         input_ids, output_ids: Value ids of the input and output leaves (``None`` for a leaf without one).
@@ -319,7 +322,7 @@ class Trace:
     output: Any
     output_ids: list[int | None]
     sites: list[tuple[CallSite, Any, str | None]]
-    nonnegative: set[int] = field(default_factory=set)
+    nonnegative: dict[int, Sign] = field(default_factory=dict)
     source_ids: list[tuple[str, list[int | None]]] = field(default_factory=list)
 
     def find(self, piece: int) -> int:

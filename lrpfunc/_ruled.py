@@ -103,7 +103,7 @@ def _passed_through(tracer: Tracer, ruled: RuledCall, vid: int) -> Tensor:
     tracer.low[new_vid] = tracer.tape.lower(alias) if not ruled.quiet and not tracer.per_op else alias
     tracer.source[new_vid] = tracer.source.get(vid)
     if vid in tracer.nonnegative:
-        tracer.nonnegative.add(new_vid)
+        tracer.nonnegative[new_vid] = tracer.nonnegative[vid]
     ruled.nodes.append(Node(Tensor.view_as, Tensor.view_as, [Ref(vid), Ref(vid)], FastSpec(2, ()), (vid,),
                             [Ref(new_vid)], (new_vid,), _ops.DataMovement))
     if not ruled.quiet and tracer.per_op:

@@ -26,6 +26,7 @@ import torch
 from . import _normalization, _stabilize
 from . import ops as _ops
 from ._call import Call, Propagated, RuleError
+from ._facts import Sign
 from ._record import Node, Observation, OpStep, Ref, RuledCall, Split, Trace, unflatten_call
 from ._traits import Rule
 
@@ -493,6 +494,7 @@ def make_call(trace: Trace, step: RuledCall, wants_param_relevance: bool) -> Cal
         _transpose_of(trace, step) if step.transposed else None,
         tuple([vid in trace.nonnegative for vid in step.inputs]),
         step.arguments,
+        tuple([trace.nonnegative.get(vid) is Sign.FLAT_AT_ZERO for vid in step.inputs]),
     )
 
 

@@ -32,6 +32,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ._composite import CallSite
+from ._facts import Sign
 from ._functionalize import FACTS, METADATA, op_facts, op_name
 from ._model import ModelInfo, model_tensors
 from ._module_calls import record_module_call
@@ -118,8 +119,9 @@ class Tracer(TorchFunctionMode):
         # values inside pieces whose elements may be those of a leaf that takes relevance (see note_relevance_sink)
         self.leaf_moved: set[int] = set()
         self.transparent_outputs: set[int] = set()  # outputs of transparent calls on the tape (they divide by them)
-        #: Values known to have no negative part, from the operations that made them (:mod:`lrpfunc._facts`).
-        self.nonnegative: set[int] = set()
+        #: Values known to have no negative part, from the operations that made them (:mod:`lrpfunc._facts`), with
+        #: what is known (:attr:`Sign.NONNEGATIVE` or :attr:`Sign.FLAT_AT_ZERO`).
+        self.nonnegative: dict[int, Sign] = {}
         # calls and sites
         self.steps: list[Any] = []
         self.call: RuledCall | None = None
@@ -181,7 +183,7 @@ class Tracer(TorchFunctionMode):
         self.origin[leaf_vid] = vid
         self.source[leaf_vid] = self.source.get(vid)
         if vid in self.nonnegative:
-            self.nonnegative.add(leaf_vid)
+            self.nonnegative[leaf_vid] = self.nonnegative[vid]
         self.new_piece(leaf_vid, vid, leaf)
         self.substitute[id(tensor)] = leaf
         self.keep_alive.append(tensor)

@@ -1,5 +1,5 @@
 """The attribution is a traceable torch program: ``make_fx`` records it as a graph of aten operations that gives the
-eager result on a new input (the engine reads no tensor value into Python; what it skips, it knows from the record)."""
+eager result on a new input (the engine reads no tensor value into Python; what it skips, it knows from the record: ``test_zero_terms.py``)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,13 @@ from collections.abc import Callable
 
 import pytest
 import torch
-import torch.nn.functional as F
 import zoo
 from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import lrpfunc
 import lrpfunc.hf
-from lrpfunc import Call, canonizers, composites, rules
+from lrpfunc import canonizers, composites
 
 D = torch.float64
 
@@ -84,73 +83,3 @@ def test_make_fx_traces_transformers(build: Callable[[], nn.Module], composite: 
         grad_output[:, 1] = 1.0
     fn = lrpfunc.attribute(model, getattr(composites, composite)())
     _check_traced(fn, params, x, new_x, grad_output)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the static fact that replaces the value check: which inputs are known non-negative
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class _Seen:
-    """A rule that records ``call.nonnegative_inputs`` and passes the relevance on unchanged."""
-
-    def __init__(self) -> None:
-        self.seen: dict[str, tuple[bool, ...]] = {}
-
-    def __call__(self, call: Call, grad_outputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        self.seen[call.name] = call.nonnegative_inputs
-        return tuple(torch.zeros_like(x) for x in call.inputs)
-
-
-class Signs(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.raw = nn.Conv2d(2, 3, 3, padding=1)
-        self.after_relu = nn.Conv2d(3, 3, 3, padding=1)
-        self.after_pool = nn.Conv2d(3, 3, 1)
-        self.after_clamp = nn.Conv2d(3, 3, 1)
-        self.after_tanh = nn.Conv2d(3, 3, 1)
-        self.after_shift = nn.Conv2d(3, 3, 1)
-        self.after_fill = nn.Conv2d(3, 3, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.raw(x))
-        h = self.after_relu(h)
-        h = self.after_pool(torch.cat([F.max_pool2d(torch.relu(h), 2), F.avg_pool2d(torch.relu(h), 2)], 2))
-        h = self.after_clamp(h.clamp(min=0.0))
-        h = self.after_tanh(torch.tanh(h))
-        h = self.after_shift(torch.relu(h) - 1.0)
-        return self.after_fill(torch.relu(h).masked_fill(h > 0.5, -3.0))
-
-
-
-def test_nonnegative_inputs_are_known_from_the_operations_that_made_them() -> None:
-    model = Signs().to(D)
-    seen = _Seen()
-    fn = lrpfunc.attribute(model, composites.layer_map([(nn.Conv2d, seen)]))
-    x = torch.randn(2, 2, 8, 8, dtype=D).abs()  # non-negative values, but nothing in the record says so
-    fn(dict(model.named_parameters()), x, torch.ones_like(model(x)))
-    assert seen.seen == {
-        "raw": (False,),
-        "after_relu": (True,),
-        "after_pool": (True,),  # max and average pools of ReLU outputs, concatenated
-        "after_clamp": (True,),
-        "after_tanh": (False,),
-        "after_shift": (False,),  # a constant subtracted
-        "after_fill": (False,),  # a fill value of its own
-    }
-
-
-def test_skipping_known_zero_terms_keeps_the_result() -> None:
-    """z+ after a ReLU leaves out the negative part's term; the result equals the rule computing every term."""
-    model, x = zoo.build("resnet_basic"), zoo.example_input("resnet_basic")
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    grad_output = zoo.target_of("resnet_basic", model(x).detach())
-    fn = lrpfunc.attribute(model, composites.epsilon_plus_flat(), canonizers.merge_batchnorm())
-    with torch.no_grad():
-        fast = fn(params, x, grad_output)[1]
-    every_term = composites.epsilon_plus_flat(layer_map=[((nn.Conv2d,), rules.zplus())])
-    exact = lrpfunc.attribute(model, every_term, canonizers.merge_batchnorm())
-    with torch.enable_grad():  # something could differentiate the result: every term is computed
-        slow = exact({k: v.clone().requires_grad_() for k, v in params.items()}, x, grad_output)[1]
-    torch.testing.assert_close(fast, slow.detach(), rtol=1e-12, atol=1e-14)
