@@ -108,6 +108,51 @@ def test_a_changed_structure_or_a_tensor_the_call_does_not_give_makes_a_new_plan
     assert fast.plan.traces == 4
 
 
+@pytest.mark.parametrize("torch_guard", [True, False], ids=["torch-tensor-guard", "python-check"])
+def test_a_call_like_the_previous_one_reuses_its_plan_and_any_difference_is_seen(torch_guard: bool,
+                                                                                monkeypatch) -> None:
+    """The check against the previous call (before any key is built) sees every change the key would see: strides,
+    ``requires_grad``, a shape, grad mode, the training flag, a module replaced. With torch's C++ tensor guard, and
+    with the Python comparison that replaces it where the guard cannot be built."""
+    if not torch_guard:
+        class Unavailable:
+            def __init__(self, *args: object, **kwargs: object) -> None:
+                raise TypeError("not in this torch")
+
+        monkeypatch.setattr(torch._C._dynamo.guards, "TensorGuards", Unavailable)
+    model, x, g = _mlp()
+    fn = lrpfunc.attribute(model, composites.epsilon_plus())
+    fast = lrpfunc.cached(fn)
+    params = _params(model)
+
+    def check(params: dict[str, torch.Tensor], x: torch.Tensor, traces: int) -> None:
+        seed = g[: len(x)]
+        torch.testing.assert_close(fast(params, x, seed)[1], fn(params, x, seed)[1], rtol=1e-12, atol=1e-14)
+        assert fast.plan.traces == traces
+
+    check(params, x, 1)
+    check({name: value * 2 for name, value in params.items()}, x + 1, 1)  # new values: the same plan
+    transposed = dict(params, **{"a.weight": params["a.weight"].t().contiguous().t()})  # other strides
+    check(transposed, x, 2)
+    check(params, x, 2)  # back to the first plan, found by its key
+    with torch.no_grad():
+        check(params, x, 3)  # grad mode is part of the signature
+    hits = fast.plan.hits
+    wanted = dict(params, **{"b.bias": params["b.bias"].clone().requires_grad_()})
+    check(wanted, x, 3)  # differentiable from outside: eager
+    assert fast.plan.hits == hits and fast.plan.misses >= 1
+    check(params, x.t().contiguous().t(), 4)  # an input of other strides
+    model.norm = nn.BatchNorm1d(8).to(D).eval()  # a module replaced: the structure changed
+    check(params, x, 5)
+    model.train()
+    with pytest.warns(lrpfunc.TrainingModeWarning):
+        check(params, x, 6)
+    model.eval()
+    check(params, x[:3], 7)
+    for value in (x, x[:3], x):  # two shapes in turn: both plans are kept
+        check(params, value, 7)
+
+
 def test_a_forward_that_reads_a_value_runs_eagerly_and_follows_its_branch() -> None:
     class Branchy(nn.Module):
         def __init__(self) -> None:
