@@ -265,7 +265,7 @@ class InPlaceAliased(Block):
 
 class Residual(Block):
     piece = "residual"
-    FORMS = ("h + f(h)", "f(h) + h", "torch.add", "out += h", "h + f(h) (deep)")
+    FORMS = ("h + f(h)", "f(h) + h", "torch.add", "out += h", "h + f(h) (deep)", "relu(h) - relu(f(h))")
 
     def __init__(self, form: str, ctx: Context) -> None:
         super().__init__(form)
@@ -279,6 +279,8 @@ class Residual(Block):
             return self.f(h) + h
         if self.form == "torch.add":
             return torch.add(h, self.f(h))
+        if self.form == "relu(h) - relu(f(h))":  # a difference of non-negative values: it has a negative part
+            return F.relu(h) - F.relu(self.f(h))
         out = self.f(h)
         out += h
         return out

@@ -7,7 +7,9 @@
 4. ``lrpfunc.conservation`` reports the relevance ``attribute`` returns;
 5. bias-free models of conserving pieces conserve relevance under epsilon 0 (the sum rule on sums, passthrough on
    activations, the normalisation rule, the uniform rule on products);
-6. ``merge_batchnorm`` gives the relevance of the model with its BatchNorms folded by hand.
+6. ``merge_batchnorm`` gives the relevance of the model with its BatchNorms folded by hand;
+7. z+ leaves out the terms it knows to be zero (the negative part of a ReLU's output) without changing the relevance
+   or its gradient w.r.t. the input.
 
 Examples per test: ``LRPFUNC_PROPERTY_EXAMPLES`` (default 40, derandomized, so CI is reproducible). The pieces of
 ``architectures.KNOWN_DEFECTS`` are left out unless ``LRPFUNC_PROPERTY_ALL=1``. A survey over many models, with
@@ -17,6 +19,7 @@ every piece, classifying the failures: ``python tests/test_random_architectures.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import re
@@ -263,6 +266,34 @@ def check_merge_batchnorm_is_folding(arch: Architecture) -> None:
                                    msg=lambda m, name=name: f"{name}+merge_batchnorm vs folded by hand: {m}")
 
 
+def _zplus_everywhere(zero_terms: bool) -> Composite:
+    """z+ on every linear map, ``layer_map_base`` elsewhere; with ``zero_terms=False`` every term is computed."""
+    zplus = dataclasses.replace(rules.zplus(), zero_terms=zero_terms)
+    return composites.layer_map([(types.Linear + (ops.Dense, ops.Convolution), zplus)] + composites.layer_map_base())
+
+
+def check_known_zero_terms_change_nothing(arch: Architecture) -> None:
+    """Property 7."""
+    params = {name: value.detach() for name, value in arch.params.items()}
+    fast, every = (lrpfunc.attribute(arch.model, _zplus_everywhere(zero_terms)) for zero_terms in (True, False))
+    with torch.no_grad():
+        got, expected = (float_relevance(arch, guarded(arch, "attribute(zplus)", lambda fn=fn: fn(
+            params, arch.x, arch.grad_output))[1]) for fn in (fast, every))
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12 * _scale(expected))
+
+    def input_gradient(fn: Callable[..., Any]) -> torch.Tensor:
+        x = arch.float_input.detach().clone().requires_grad_()
+        with torch.enable_grad():
+            relevance = float_relevance(arch, fn(params, (arch.x[0], x) if isinstance(arch.x, tuple) else x,
+                                                 arch.grad_output)[1])
+            weights = torch.linspace(-1.0, 1.0, relevance.numel(), dtype=relevance.dtype).view_as(relevance)
+            (gradient,) = torch.autograd.grad((relevance * weights).sum(), x, allow_unused=True)
+        return torch.zeros_like(x) if gradient is None else gradient
+
+    got, expected = input_gradient(fast), input_gradient(every)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12 * _scale(expected))
+
+
 CHECKS: dict[str, Callable[[Architecture], None]] = {
     "1_vjp": check_no_composite_is_vjp,
     "2_output": check_output_is_eager,
@@ -270,6 +301,7 @@ CHECKS: dict[str, Callable[[Architecture], None]] = {
     "4_conservation_report": check_conservation_report,
     "5_epsilon_zero_conserves": check_epsilon_zero_conserves,
     "6_merge_batchnorm": check_merge_batchnorm_is_folding,
+    "7_known_zero_terms": check_known_zero_terms_change_nothing,
 }
 
 
@@ -312,6 +344,12 @@ def test_bias_free_epsilon_zero_conserves(arch: Architecture) -> None:
 @given(arch=architectures())
 def test_merge_batchnorm_equals_folding_by_hand(arch: Architecture) -> None:
     check_merge_batchnorm_is_folding(arch)
+
+
+@SETTINGS
+@given(arch=architectures())
+def test_terms_known_to_be_zero_change_nothing(arch: Architecture) -> None:
+    check_known_zero_terms_change_nothing(arch)
 
 
 # ---------------------------------------------------------------------------------------------------------------
