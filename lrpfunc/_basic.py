@@ -331,7 +331,10 @@ class BasicRule:
         if in_mod is identity and param_mod.is_identity(call) and not with_params and not hold:
             pullback = call.pullback
             return call.inputs, call.params, call.outputs[0], lambda g: (pullback((g,)), {})
-        x_k = tuple(in_mod(x) for x in call.inputs)
+        if in_mod is positive_part and call.nonnegative_inputs:  # x^+ = x, with its derivative 1, for x >= 0
+            x_k = tuple(x if known else in_mod(x) for x, known in zip(call.inputs, call.nonnegative_inputs))
+        else:
+            x_k = tuple(in_mod(x) for x in call.inputs)
         p_k = param_mod.apply(call, self.name)
         if call.linear and not hold:
             # one linear operation: its modified forward and that forward's pullback in closed form
