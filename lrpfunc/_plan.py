@@ -26,6 +26,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from . import _functorch
+from ._fold import fold
 
 Tensor = torch.Tensor
 
@@ -212,7 +213,7 @@ class _LastCall:
 
 
 def _wrap(fn: Callable[..., Any], model: torch.nn.Module,
-          finish: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Callable[..., Any]:
+          finish: Callable[[torch.fx.GraphModule], Callable[..., Any]]) -> Callable[..., Any]:
     plan = Plan()
     lock = threading.Lock()
     state = _ModelState(model)
@@ -302,6 +303,11 @@ def cached(fn: Callable[..., Any], *, model: torch.nn.Module | None = None) -> C
         ``torch.func.grad(loss)`` becomes one graph of the forward pass, the modified backward pass and its
         derivative (the transform is traced, not run around the plan).
 
+        What a plan computes from the parameters alone (a BatchNorm merged into the weight before it, the positive
+        part of a z+ rule's weights) is computed again only when a parameter it reads is another tensor than in the
+        previous call or was written to since, and is held in between (about the size of the modified weights):
+        heatmaps over a dataset with the same parameters do that work once.
+
     Raises:
         TypeError: ``fn`` is not an attribution function of this package and no ``model`` is given.
 
@@ -311,7 +317,7 @@ def cached(fn: Callable[..., Any], *, model: torch.nn.Module | None = None) -> C
         ...     _, relevance = fast(params, x, torch.nn.functional.one_hot(y, 10).to(x))
         >>> step = lrpfunc.compile(lambda p, x, g: torch.func.grad(lambda p: loss(fn(p, x, g)[1]))(p), model=model)
     """
-    return _wrap(fn, _model_of("cached", fn, model), lambda graph: graph)
+    return _wrap(fn, _model_of("cached", fn, model), fold)
 
 
 def compile(  # noqa: A001

@@ -259,3 +259,51 @@ def test_export_gives_the_eager_relevance_for_other_batch_sizes(tmp_path) -> Non
         torch.testing.assert_close(relevance, expected, rtol=1e-12, atol=1e-14)
     with pytest.raises(TypeError, match=r"export: expected a function made by lrpfunc.attribute"):
         lrpfunc.export(lambda p, v, s: (v, v), params, x, g)
+
+
+def test_parameter_only_work_is_done_once_per_state_of_the_parameters() -> None:
+    """The merged BatchNorm and the rules' modified weights are computed again exactly when a parameter they read is
+    another tensor or was written to; otherwise they are reused, and the relevance always equals the eager one."""
+    model = zoo.build("resnet_basic")
+    x = zoo.example_input("resnet_basic")
+    g = zoo.target_of("resnet_basic", model(x).detach())
+    fn = lrpfunc.attribute(model, composites.epsilon_plus_flat(), canonizers.merge_batchnorm())
+    fast = lrpfunc.cached(fn)
+    params = _params(model)
+
+    def check(params: dict[str, torch.Tensor], computed: int) -> None:
+        torch.testing.assert_close(fast(params, x, g)[1], fn(params, x, g)[1], rtol=1e-12, atol=1e-14)
+        (plan,) = fast.plan.graphs.values()
+        assert plan.computed == computed
+
+    check(params, 1)
+    check(params, 1)
+    check(dict(params), 1)  # another dict of the same tensors
+    name = next(name for name in params if name.endswith("conv1.weight"))
+    with torch.no_grad():
+        params[name].mul_(-1.5)  # written in place: its version changed
+    check(params, 2)
+    check({key: value.clone() for key, value in params.items()}, 3)  # new tensors of the same values
+    params[name].data = params[name].data * 2  # another storage under the same tensor
+    check(params, 4)
+    check(params, 4)
+    assert fast.plan.traces == 1
+
+
+def test_what_a_plan_returns_is_never_held_between_calls() -> None:
+    """A training step's parameter gradients are the caller's to change: writing into them changes no later call."""
+    model, x, g = _mlp()
+    fn = lrpfunc.attribute(model, composites.epsilon_plus())
+
+    def step(params: dict[str, torch.Tensor], x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+        gradients = torch.func.grad(lambda p: fn(p, x, g)[1].square().sum())(params)
+        return {**gradients, "weights": params["a.weight"].t() * 2}  # a value of the parameters alone, returned
+
+    fast = lrpfunc.cached(step, model=model)
+    params = _params(model)
+    expected = step(params, x, g)
+    for _ in range(2):
+        got = fast(params, x, g)
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], rtol=1e-12, atol=1e-14)
+            got[key].mul_(0.0)  # the caller writes into what it got
