@@ -288,6 +288,10 @@ def test_parameter_only_work_is_done_once_per_state_of_the_parameters() -> None:
     check(params, 4)
     check(params, 4)
     assert fast.plan.traces == 1
+    unheld = lrpfunc.cached(fn, hold_parameter_work=False)
+    torch.testing.assert_close(unheld(params, x, g)[1], fn(params, x, g)[1], rtol=1e-12, atol=1e-14)
+    (plan,) = unheld.plan.graphs.values()
+    assert isinstance(plan, torch.fx.GraphModule)  # the traced graph itself: nothing held between calls
 
 
 def test_what_a_plan_returns_is_never_held_between_calls() -> None:
