@@ -172,7 +172,14 @@ def _tensor_check(tensors: Sequence[Tensor]) -> Callable[..., bool]:
     except Exception:  # noqa: BLE001  # a torch without it, or one whose signature changed: compare in Python
         pass
     expected = [_tensor_signature(t) for t in tensors]
-    return lambda *others: [_tensor_signature(t) for t in others] == expected
+
+    def check(*others: Tensor) -> bool:
+        try:
+            return [_tensor_signature(t) for t in others] == expected
+        except AttributeError:  # not a tensor: no match (the function says what is wrong)
+            return False
+
+    return check
 
 
 @dataclass(frozen=True)

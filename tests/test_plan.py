@@ -151,6 +151,8 @@ def test_a_call_like_the_previous_one_reuses_its_plan_and_any_difference_is_seen
     check(params, x[:3], 7)
     for value in (x, x[:3], x):  # two shapes in turn: both plans are kept
         check(params, value, 7)
+    with pytest.raises(TypeError, match=r"params\['a.weight'\] must be a tensor, got list"):
+        fast(dict(params, **{"a.weight": params["a.weight"].tolist()}), x, g)
 
 
 def test_a_forward_that_reads_a_value_runs_eagerly_and_follows_its_branch() -> None:
