@@ -60,8 +60,10 @@ class Plan:
     """The traced plans of one attribution function, by key (see the module docstring).
 
     Attributes:
-        graphs: Key to the callable that replays the trace (compiled where asked); at most :data:`MAX_PLANS`, the
-            oldest dropped first (inputs of ever new shapes trace ever again: pad them to a few sizes).
+        graphs: Key to the callable that replays the trace (compiled where asked; for :func:`cached`, a
+            :class:`lrpfunc._fold.FoldedPlan` where the trace has parameter-only work, whose ``computed`` counts the
+            calls that did it); at most :data:`MAX_PLANS`, the oldest dropped first (inputs of ever new shapes trace
+            ever again: pad them to a few sizes).
         eager: Key to the reason a signature runs eagerly (its trace read a value into Python).
         traces: How many traces were made; ``hits``: how many calls a plan served; ``misses``: calls run eagerly.
     """
