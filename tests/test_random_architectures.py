@@ -9,7 +9,9 @@
    activations, the normalisation rule, the uniform rule on products);
 6. ``merge_batchnorm`` gives the relevance of the model with its BatchNorms folded by hand;
 7. z+ leaves out the terms it knows to be zero (the negative part of a ReLU's output) without changing the relevance
-   or its gradient w.r.t. the input.
+   or its gradient w.r.t. the input;
+8. ``lrpfunc.cached`` gives the eager relevance (EpsilonPlus, with ``merge_batchnorm`` where the model has a
+   BatchNorm, and AttnLRP), on its first call, on its replay, and after the parameters were written in place.
 
 Examples per test: ``LRPFUNC_PROPERTY_EXAMPLES`` (default 40, derandomized, so CI is reproducible). The pieces of
 ``architectures.KNOWN_DEFECTS`` are left out unless ``LRPFUNC_PROPERTY_ALL=1``. A survey over many models, with
@@ -294,6 +296,25 @@ def check_known_zero_terms_change_nothing(arch: Architecture) -> None:
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12 * _scale(expected))
 
 
+def check_cached_equals_eager(arch: Architecture) -> None:
+    """Property 8."""
+    model = copy.deepcopy(arch.model)
+    params = {name: value.detach() for name, value in model.named_parameters()}
+    for name, composite, canonizer in setups(arch):
+        if name not in ("epsilon_plus", "epsilon_plus+merge_batchnorm", "attnlrp"):
+            continue
+        fn = lrpfunc.attribute(model, composite, canonizer)
+        fast = lrpfunc.cached(fn)
+        for scale in (1.0, 1.0, -0.5):  # the first call traces, the second replays, the third after writes in place
+            with torch.no_grad():
+                for value in params.values():
+                    value.mul_(scale)
+                expected = float_relevance(arch, fn(params, arch.x, arch.grad_output)[1])
+                got = float_relevance(arch, fast(params, arch.x, arch.grad_output)[1])
+            torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12 * _scale(expected),
+                                       msg=lambda m, name=name: f"{name} cached: {m}")
+
+
 CHECKS: dict[str, Callable[[Architecture], None]] = {
     "1_vjp": check_no_composite_is_vjp,
     "2_output": check_output_is_eager,
@@ -302,6 +323,7 @@ CHECKS: dict[str, Callable[[Architecture], None]] = {
     "5_epsilon_zero_conserves": check_epsilon_zero_conserves,
     "6_merge_batchnorm": check_merge_batchnorm_is_folding,
     "7_known_zero_terms": check_known_zero_terms_change_nothing,
+    "8_cached": check_cached_equals_eager,
 }
 
 
@@ -350,6 +372,12 @@ def test_merge_batchnorm_equals_folding_by_hand(arch: Architecture) -> None:
 @given(arch=architectures())
 def test_terms_known_to_be_zero_change_nothing(arch: Architecture) -> None:
     check_known_zero_terms_change_nothing(arch)
+
+
+@SETTINGS
+@given(arch=architectures())
+def test_cached_equals_eager(arch: Architecture) -> None:
+    check_cached_equals_eager(arch)
 
 
 # ---------------------------------------------------------------------------------------------------------------
