@@ -23,6 +23,7 @@ from ._checks import (
 )
 from ._composite import CallSite, Composite, RuleTable, resolver_of, sources_of
 from ._functionalize import Substitution, is_float
+from ._inference import outside_inference_mode
 from ._interception import eager_calls, tracing
 from ._model import ModelInfo, Stale, call_model
 from ._record import Retry, Trace
@@ -396,6 +397,7 @@ def attribute(
     where = f"attribute({type(model).__name__}, composite)"
     setup = Setup(where, model, composite, check_setup(where, model, composite, canonizers))
 
+    @outside_inference_mode
     def attribution(params: Mapping[str, Tensor], x: Any, grad_output: Any) -> tuple[Any, Any]:
         return _run(setup, params, x, grad_output, None)
 
@@ -427,6 +429,7 @@ def attribute_with_params(
     where = f"attribute_with_params({type(model).__name__}, composite)"
     setup = Setup(where, model, composite, check_setup(where, model, composite, canonizers))
 
+    @outside_inference_mode
     def attribution(params: Mapping[str, Tensor], x: Any, grad_output: Any) -> tuple[Any, Any, dict[str, Tensor]]:
         relevances: dict[str, Tensor] = {}
         output, relevance = _run(setup, params, x, grad_output, relevances)
@@ -435,6 +438,7 @@ def attribute_with_params(
     return attribution
 
 
+@outside_inference_mode
 def rule_table(
     model: torch.nn.Module,
     composite: Composite | None,

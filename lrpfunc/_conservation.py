@@ -12,6 +12,7 @@ import torch
 from ._attribute import Setup, _seeds, refreshing, run_trace
 from ._checks import check_grad_output, check_params, check_setup, check_tensors
 from ._composite import CallSite, Composite, rule_name
+from ._inference import outside_inference_mode
 from ._sweep import sweep
 from ._tape import AutogradTape, VjpTape
 from .canonizers import Canonizer
@@ -110,6 +111,7 @@ def conservation(
     where = f"conservation({type(model).__name__}, composite)"
     setup = Setup(where, model, composite, check_setup(where, model, composite, canonizers))
 
+    @outside_inference_mode
     def report(params: Mapping[str, Tensor], x: Any, grad_output: Any) -> ConservationReport:
         check_params(where, setup.info, setup.model, params)
         check_tensors(where, "x", x)

@@ -12,6 +12,7 @@ import torch
 from ._attribute import Setup, _run
 from ._checks import check_setup
 from ._composite import Composite
+from ._inference import outside_inference_mode
 from .canonizers import Canonizer
 
 Tensor = torch.Tensor
@@ -131,6 +132,7 @@ def attribute_layers(
     if not canonical:
         raise ValueError(f"{where}: layers must name at least one module")
 
+    @outside_inference_mode
     def attribution(
         params: Mapping[str, Tensor], x: Any, grad_output: Any, masks: Mapping[str, Any] | None = None
     ) -> tuple[Any, Any, dict[str, Any]]:
