@@ -124,15 +124,15 @@ def sign_of(
         return bound[2] if _nonnegative_number(value) else Sign.UNKNOWN
     if op_class is None or not issubclass(op_class, _PRESERVING) or func in _FILLING or func in _DIFFERENCES:
         return Sign.UNKNOWN
-    if func in _WEIGHTED:
-        _, kwargs = unflatten_call(spec, leaves)
-        if not all(_nonnegative_number(kwargs.get(name, 1)) for name in ("alpha", "beta")):
-            return Sign.UNKNOWN
     floats = [p for p, t in enumerate(leaves) if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex())]
     if not floats:
         return Sign.UNKNOWN
     operands = [vids[p] for p in floats]
     sign = min(Sign.UNKNOWN if vid is None else known.get(vid, Sign.UNKNOWN) for vid in operands)
+    if sign and func in _WEIGHTED:  # the arguments are rebuilt only where the operands are known
+        _, kwargs = unflatten_call(spec, leaves)
+        if not all(_nonnegative_number(kwargs.get(name, 1)) for name in ("alpha", "beta")):
+            return Sign.UNKNOWN
     return min(sign, Sign.NONNEGATIVE) if func in _CASTS else sign
 
 

@@ -130,21 +130,19 @@ class FoldedPlan:
         #: How many calls computed the parameter-only work (the others reused it).
         self.computed = 0
 
-    def _current(self, tensors: list[Tensor]) -> bool:
-        if len(tensors) != len(self._held) or any(a is not b for a, b in zip(tensors, self._held)):
-            return False
-        return [(t._version, t.data_ptr()) for t in tensors] == self._state
-
     def __call__(self, params: Mapping[str, Tensor], x: Any, grad_output: Any) -> Any:
         tensors = [params[key] for key in self.keys]
+        try:
+            state: list[tuple[int, int]] | None = [(t._version, t.data_ptr()) for t in tensors]
+        except RuntimeError:  # inference tensors have no version: compute again on every call
+            state = None
         with self._lock:
-            if not self._current(tensors):
+            current = (state is not None and state == self._state and len(tensors) == len(self._held)
+                       and all(a is b for a, b in zip(tensors, self._held)))
+            if not current:
                 values = self.prefix(*tensors)
                 for name, value in zip(self.names, values):
                     setattr(self.main, name, value)
                 self.computed += 1
-                try:
-                    self._held, self._state = tensors, [(t._version, t.data_ptr()) for t in tensors]
-                except RuntimeError:  # inference tensors have no version: compute again on every call
-                    self._held, self._state = [], []
+                self._held, self._state = (tensors, state) if state is not None else ([], [])
             return self.main(params, x, grad_output)

@@ -515,6 +515,7 @@ def attribute_generation(
         )
     tokens = attribute_tokens(model, composite, canonizers, positions=positions)
     uses_cache = _takes_use_cache(model)
+    speech = _is_speech(model)
 
     def explain(
         input_ids: Tensor,
@@ -525,7 +526,7 @@ def attribute_generation(
         chunk_size: int | None = None,
         params: Mapping[str, Tensor] | None = None,
     ) -> GenerationAttribution:
-        if _is_speech(model):
+        if speech:
             _check_features("attribute_generation", input_ids)
         else:
             _check_input_ids("attribute_generation", input_ids)

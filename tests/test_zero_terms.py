@@ -83,9 +83,16 @@ def test_what_is_known_comes_from_the_operations_that_made_the_input() -> None:
     }
 
 
-def _every_term(composite: lrpfunc.Composite) -> lrpfunc.Composite:
-    """``epsilon_plus_flat`` with a z+ that computes every term, known zero or not."""
-    return composites.epsilon_plus_flat(layer_map=[((nn.Conv2d,), dataclasses.replace(rules.zplus(), zero_terms=False))])
+def _zplus(zero_terms: bool) -> rules.BasicRule:
+    """z+; with ``zero_terms=False`` it computes every term, known zero or not."""
+    return dataclasses.replace(rules.zplus(), zero_terms=zero_terms)
+
+
+def _linear_zplus(model: nn.Module) -> tuple[lrpfunc.Attribution, lrpfunc.Attribution]:
+    """z+ on every ``nn.Linear`` of ``model``: leaving out the terms known to be zero, and computing every term."""
+    fast, exact = (lrpfunc.attribute(model, composites.layer_map([(nn.Linear, _zplus(zero_terms))]))
+                   for zero_terms in (True, False))
+    return fast, exact
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +104,8 @@ def resnet() -> tuple[nn.Module, dict[str, torch.Tensor], torch.Tensor, torch.Te
 
 def _attributions(model: nn.Module) -> tuple[lrpfunc.Attribution, lrpfunc.Attribution]:
     fast = lrpfunc.attribute(model, composites.epsilon_plus_flat(), canonizers.merge_batchnorm())
-    exact = lrpfunc.attribute(model, _every_term(composites.epsilon_plus_flat()), canonizers.merge_batchnorm())
+    every_term = composites.epsilon_plus_flat(layer_map=[((nn.Conv2d,), _zplus(False))])
+    exact = lrpfunc.attribute(model, every_term, canonizers.merge_batchnorm())
     return fast, exact
 
 
@@ -158,9 +166,7 @@ def test_the_input_gradient_at_the_kink_equals_every_terms(activation: str) -> N
     x = torch.randn(3, 4, dtype=D)
     x[:, 1] = x[:, 0]
     grad_output = torch.randn(3, 3, dtype=D)
-    zplus = rules.zplus()
-    fast = lrpfunc.attribute(model, composites.layer_map([(nn.Linear, zplus)]))
-    exact = lrpfunc.attribute(model, composites.layer_map([(nn.Linear, dataclasses.replace(zplus, zero_terms=False))]))
+    fast, exact = _linear_zplus(model)
 
     weights = torch.randn(3, 4, dtype=D)  # a linear loss: a square's derivative is zero where the relevance is
 
@@ -189,9 +195,7 @@ def test_a_difference_of_relus_keeps_its_negative_part() -> None:
     model = Difference().to(D)
     params = {k: v.detach() for k, v in model.named_parameters()}
     x, grad_output = torch.randn(3, 4, dtype=D), torch.ones(3, 3, dtype=D)
-    zplus = rules.zplus()
-    fast = lrpfunc.attribute(model, composites.layer_map([(nn.Linear, zplus)]))
-    exact = lrpfunc.attribute(model, composites.layer_map([(nn.Linear, dataclasses.replace(zplus, zero_terms=False))]))
+    fast, exact = _linear_zplus(model)
     with torch.no_grad():
         torch.testing.assert_close(fast(params, x, grad_output)[1], exact(params, x, grad_output)[1],
                                    rtol=1e-12, atol=1e-14)
